@@ -1,6 +1,30 @@
-//! twinroute: an event-forwarding data plane for digital twins.
+//! twinroute: an event-forwarding data plane for digital twins. It takes twin-change events
+//! (CloudEvents), matches them against routes written in Azure Digital Twins' filter language and
+//! delivers them to endpoints, with ADT's control-plane API and wire formats.
 //!
 //! # Layout
 //!
 //! - [`event`]: the CloudEvents 1.0 envelope and the ADT event types; parsing and encodings.
+//! - [`filter`]: the route filter language: lexer, parser, compiled evaluator (pure).
+//! - [`routing`]: the route table: event to set of endpoints (pure).
+//! - [`config`]: typed, strictly checked configuration; every problem reported at once.
+//! - [`control`]: routes and endpoints in force, changed with ADT's rules, stored, applied atomically.
+//! - [`delivery`]: per-endpoint queues and workers, fed by the dispatcher.
+//! - [`sinks`]: one folder per destination; each builds its wire form and classifies outcomes.
+//! - [`ingest`]: HTTP `POST /events`, NDJSON files and stdin, the sample generator.
+//! - [`admin`]: ADT-style `/eventroutes` and `/endpoints`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`app`]: the daemon assembled, started and stopped in order.
+//! - [`cli`]: the `twinroute` command line.
+//! - [`telemetry`]: logs and metrics.
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod delivery;
 pub mod event;
+pub mod filter;
+pub mod ingest;
+pub mod routing;
+pub mod sinks;
+pub mod telemetry;

@@ -1,0 +1,231 @@
+//! The admin API, on its own port (loopback by default): ADT's data-plane event routes
+//! (`/eventroutes`), ADT's endpoint resources (`/endpoints`, in the ARM shape), and the
+//! operational endpoints (`/healthz`, `/readyz`, `/metrics`).
+//!
+//! Errors have ADT's body (`{"error": {"code", "message"}}`) and its `x-ms-error-code` header.
+//! `api-version` is accepted as ADT's clients send it; an unknown version is refused.
+
+mod endpoints;
+
+use crate::control::{route_not_found, ControlError, ControlPlane, Upsert};
+use crate::config::RouteSpec;
+use crate::delivery::{Dispatcher, Health};
+use crate::ingest::{ErrorBody, ErrorDetail};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// ADT data-plane API versions whose `/eventroutes` shape this API serves.
+pub const API_VERSIONS: [&str; 4] = ["2020-10-31", "2022-05-31", "2023-06-30", "2023-10-31"];
+/// Page size of list answers when the client sets no `max-items-per-page`.
+const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// What the admin handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub control: Arc<ControlPlane>,
+    pub dispatcher: Arc<Dispatcher>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/eventroutes", get(list_routes))
+        .route("/eventroutes/{id}", get(get_route).put(put_route).delete(delete_route))
+        .route("/endpoints", get(endpoints::list))
+        .route("/endpoints/{name}", get(endpoints::get_one).put(endpoints::put).delete(endpoints::delete))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+/// An error answer in ADT's shape.
+pub(crate) fn error_response(status: u16, code: &'static str, message: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response =
+        (status, Json(ErrorBody::<()> { error: ErrorDetail { code, message, details: None } })).into_response();
+    if let Ok(v) = HeaderValue::from_str(code) {
+        response.headers_mut().insert("x-ms-error-code", v);
+    }
+    response
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        error_response(self.status, self.code, self.message)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ApiQuery {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+    #[serde(rename = "continuationToken")]
+    continuation_token: Option<String>,
+}
+
+impl ApiQuery {
+    /// Refuses an `api-version` this API does not serve; an absent one is accepted.
+    pub(crate) fn check(&self) -> Result<(), Response> {
+        match self.api_version.as_deref() {
+            Some(v) if !API_VERSIONS.contains(&v) => Err(error_response(
+                400,
+                "InvalidApiVersion",
+                format!("api-version {v:?} is not supported; use one of {}", API_VERSIONS.join(", ")),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A page of `items` after the continuation token, and the next link if more remain.
+pub(crate) fn page<T: Serialize>(
+    items: Vec<(String, T)>,
+    query: &ApiQuery,
+    headers: &HeaderMap,
+    path: &str,
+) -> Response {
+    let size = headers
+        .get("max-items-per-page")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_PAGE_SIZE);
+    let after = query.continuation_token.as_deref().unwrap_or("");
+    let rest: Vec<(String, T)> = items.into_iter().filter(|(key, _)| key.as_str() > after).collect();
+    let more = rest.len() > size;
+    let taken: Vec<(String, T)> = rest.into_iter().take(size).collect();
+    let next_link = match (more, taken.last()) {
+        (true, Some((last, _))) => {
+            let token: String = url::form_urlencoded::byte_serialize(last.as_bytes()).collect();
+            let version = query.api_version.as_deref().unwrap_or("2023-10-31");
+            Some(format!("{path}?api-version={version}&continuationToken={token}"))
+        }
+        _ => None,
+    };
+    let value: Vec<T> = taken.into_iter().map(|(_, v)| v).collect();
+    Json(serde_json::json!({ "value": value, "nextLink": next_link })).into_response()
+}
+
+/// An event route as ADT's data plane shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventRouteBody {
+    id: String,
+    endpoint_name: String,
+    filter: String,
+}
+
+/// The body of `PUT /eventroutes/{id}`; ADT requires both fields.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventRouteIn {
+    /// Clients may echo the id; when present it must match the path.
+    id: Option<String>,
+    endpoint_name: Option<String>,
+    filter: Option<String>,
+}
+
+async fn list_routes(State(state): State<AdminState>, Query(query): Query<ApiQuery>, headers: HeaderMap) -> Response {
+    if let Err(r) = query.check() {
+        return r;
+    }
+    let routes = state.control.routes().await;
+    let items = routes
+        .into_iter()
+        .map(|r| {
+            let body = EventRouteBody { id: r.id.clone(), endpoint_name: r.endpoint_name, filter: r.filter.text().to_owned() };
+            (r.id, body)
+        })
+        .collect();
+    page(items, &query, &headers, "/eventroutes")
+}
+
+async fn get_route(State(state): State<AdminState>, Path(id): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+    if let Err(r) = query.check() {
+        return r;
+    }
+    match state.control.route(&id).await {
+        Some(r) => Json(EventRouteBody { id: r.id, endpoint_name: r.endpoint_name, filter: r.filter.text().to_owned() })
+            .into_response(),
+        None => route_not_found(&id).into_response(),
+    }
+}
+
+async fn put_route(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(query): Query<ApiQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = query.check() {
+        return r;
+    }
+    let input: EventRouteIn = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(400, "InvalidRequestBody", format!("the body is not an event route: {e}")),
+    };
+    if input.id.as_deref().is_some_and(|body_id| body_id != id) {
+        return error_response(400, "EventRouteIdInvalid", format!("the body's id {:?} differs from the path's {id:?}", input.id.unwrap_or_default()));
+    }
+    let Some(endpoint_name) = input.endpoint_name.filter(|e| !e.is_empty()) else {
+        return error_response(400, "EventRouteEndpointInvalid", "endpointName is required".into());
+    };
+    let Some(filter) = input.filter else {
+        return error_response(400, "EventRouteFilterInvalid", "filter is required (use 'true' to route every event)".into());
+    };
+    match state.control.put_route(&id, RouteSpec { endpoint_name, filter }).await {
+        Ok(Upsert::Created | Upsert::Replaced) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete_route(State(state): State<AdminState>, Path(id): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+    if let Err(r) = query.check() {
+        return r;
+    }
+    match state.control.delete_route(&id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct EndpointHealth {
+    name: String,
+    status: Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    queued: usize,
+}
+
+/// Ready while intake is open; the body lists every endpoint's health, so an operator sees
+/// which one is failing and why. An unhealthy endpoint does not make the instance unready:
+/// events for the other endpoints still flow, and the failing one keeps its queue.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let snapshot = state.dispatcher.snapshot();
+    let endpoints: Vec<EndpointHealth> = snapshot
+        .endpoints
+        .values()
+        .map(|h| {
+            let (status, reason) = h.stats.health();
+            EndpointHealth { name: h.name().to_owned(), status, reason, queued: h.queue_len() }
+        })
+        .collect();
+    let ready = state.dispatcher.is_open();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "shutting down" },
+        "endpoints": endpoints,
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text() -> Response {
+    let text = crate::telemetry::prometheus().render();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -1,0 +1,200 @@
+//! The daemon assembled: dispatcher, control plane, listeners and sources, started together and
+//! stopped in order (intake first, then the queues drain, then the listeners close).
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError, SourceConfig};
+use crate::control::ControlPlane;
+use crate::delivery::Dispatcher;
+use crate::ingest::{self, http::IngestState, ndjson::NdjsonReport};
+use crate::sinks::{DefaultSinkFactory, SinkFactory};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another twinroute running? set {key} to another address")]
+    Bind { what: &'static str, key: &'static str, addr: String, source: std::io::Error },
+}
+
+/// How to run, beyond the configuration.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Read NDJSON events from this file (`-` for stdin) and exit once they are delivered,
+    /// without opening the HTTP listeners: replays and shell pipelines.
+    pub input: Option<String>,
+    /// The sinks to deliver with; [`DefaultSinkFactory`] when `None`.
+    pub sinks: Option<Arc<dyn SinkFactory>>,
+}
+
+/// What a stop found.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Events not delivered when the drain deadline passed, per endpoint.
+    pub undelivered: Vec<(String, u64)>,
+    /// The result of the `--input` stream, if there was one.
+    pub input: Option<NdjsonReport>,
+}
+
+/// A started daemon.
+pub struct Running {
+    /// Where ingest listens (`None` in `--input` mode).
+    pub ingest_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub control: Arc<ControlPlane>,
+    drain_deadline: Duration,
+    /// Tells the HTTP servers to stop accepting connections.
+    stop_servers: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    sources: Vec<JoinHandle<()>>,
+    input: Option<JoinHandle<std::io::Result<NdjsonReport>>>,
+}
+
+async fn bind(addr: &str, what: &'static str, key: &'static str) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, key, addr: addr.to_owned(), source })
+}
+
+fn serve(listener: tokio::net::TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    })
+}
+
+impl Running {
+    /// Starts everything the configuration describes.
+    pub async fn start(config: Config, options: RunOptions) -> Result<Running, StartError> {
+        // Metric handles bind to the recorder present when they are made: install it first.
+        crate::telemetry::prometheus();
+        let factory = options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory));
+        let dispatcher = Arc::new(Dispatcher::new(config.delivery.queue_capacity, factory));
+        let control = Arc::new(ControlPlane::start(&config, dispatcher.clone()).await?);
+        let (stop_servers, stop_rx) = watch::channel(false);
+        let mut servers = Vec::new();
+        let mut sources = Vec::new();
+        let (mut ingest_addr, mut admin_addr) = (None, None);
+        let mut input = None;
+        if let Some(path) = options.input {
+            let dispatcher = dispatcher.clone();
+            let max = config.ingest.max_event_bytes;
+            input = Some(tokio::spawn(async move {
+                if path == "-" {
+                    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+                    ingest::ndjson::run(stdin, "stdin", &dispatcher, max).await
+                } else {
+                    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot open {path}: {e}"))
+                    })?;
+                    ingest::ndjson::run(tokio::io::BufReader::new(file), &path, &dispatcher, max).await
+                }
+            }));
+        } else {
+            let ingest_listener = bind(&config.ingest.listen, "ingest", "ingest.listen").await?;
+            let admin_listener = bind(&config.admin.listen, "admin API", "admin.listen").await?;
+            ingest_addr = ingest_listener.local_addr().ok();
+            admin_addr = admin_listener.local_addr().ok();
+            let ingest_state = IngestState { dispatcher: dispatcher.clone(), limits: Arc::new(config.ingest.clone()) };
+            servers.push(serve(ingest_listener, ingest::http::router(ingest_state), stop_rx.clone()));
+            let admin_state = AdminState { control: control.clone(), dispatcher: dispatcher.clone() };
+            servers.push(serve(admin_listener, admin::router(admin_state), stop_rx.clone()));
+            tracing::info!(ingest = ?ingest_addr, admin = ?admin_addr, "listening");
+            for (name, source) in &config.sources {
+                let dispatcher = dispatcher.clone();
+                let name = name.clone();
+                let max = config.ingest.max_event_bytes;
+                let source = source.clone();
+                sources.push(tokio::spawn(async move {
+                    match source {
+                        SourceConfig::Sample { events_per_second, twins, limit } => {
+                            ingest::sample::run(&dispatcher, events_per_second, twins, limit).await
+                        }
+                        SourceConfig::Ndjson { path } => {
+                            let result = if path == "-" {
+                                ingest::ndjson::run(tokio::io::BufReader::new(tokio::io::stdin()), &name, &dispatcher, max).await
+                            } else {
+                                match tokio::fs::File::open(&path).await {
+                                    Ok(f) => ingest::ndjson::run(tokio::io::BufReader::new(f), &name, &dispatcher, max).await,
+                                    Err(e) => Err(e),
+                                }
+                            };
+                            match result {
+                                Ok(r) => tracing::info!(source = %name, accepted = r.accepted, invalid = r.invalid, "source finished"),
+                                Err(e) => tracing::error!(source = %name, error = %e, "source failed"),
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        let routes = control.routes().await.len();
+        let endpoints = control.endpoints().await.len();
+        tracing::info!(config = %config.origin, routes, endpoints, "twinroute started");
+        Ok(Running {
+            ingest_addr,
+            admin_addr,
+            dispatcher,
+            control,
+            drain_deadline: config.delivery.shutdown_timeout(),
+            stop_servers,
+            servers,
+            sources,
+            input,
+        })
+    }
+
+    /// In `--input` mode: waits until the whole input has been read and submitted.
+    pub async fn input_finished(&mut self) -> Option<std::io::Result<NdjsonReport>> {
+        let handle = self.input.take()?;
+        Some(handle.await.unwrap_or_else(|e| Err(std::io::Error::other(e))))
+    }
+
+    /// Stops: refuses new events (503), drains the queues up to the deadline, closes the listeners.
+    pub async fn stop(self) -> ShutdownReport {
+        self.stop_with(None).await
+    }
+
+    async fn stop_with(self, input: Option<NdjsonReport>) -> ShutdownReport {
+        self.dispatcher.close_intake();
+        for source in &self.sources {
+            source.abort();
+        }
+        if let Some(i) = &self.input {
+            i.abort();
+        }
+        tracing::info!(deadline_s = self.drain_deadline.as_secs(), "shutting down: intake closed, draining queues");
+        let undelivered = self.dispatcher.shutdown(self.drain_deadline).await;
+        let _ = self.stop_servers.send(true);
+        for server in self.servers {
+            let _ = server.await;
+        }
+        if undelivered.is_empty() {
+            tracing::info!("shutdown complete: every accepted event was delivered");
+        } else {
+            for (endpoint, n) in &undelivered {
+                tracing::error!(%endpoint, events = n, "shutdown deadline passed with events undelivered");
+            }
+        }
+        ShutdownReport { undelivered, input }
+    }
+
+    /// `--input` mode from start to end: read everything, deliver it, stop.
+    pub async fn run_input(mut self) -> std::io::Result<ShutdownReport> {
+        let report = match self.input_finished().await {
+            Some(r) => Some(r?),
+            None => None,
+        };
+        Ok(self.stop_with(report).await)
+    }
+}

@@ -1,0 +1,284 @@
+//! The `twinroute` command line. `main.rs` only calls [`main`].
+
+use crate::app::{RunOptions, Running, StartError};
+use crate::config::{Config, EXIT_CONFIG};
+use crate::event::{describe_problems, parse_structured, CloudEvent};
+use crate::filter::Filter;
+use crate::routing::{Route, RouteTable};
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit status for bad input data (`EX_DATAERR`): an invalid event file, bad NDJSON lines.
+pub const EXIT_DATA: u8 = 65;
+/// Exit status when a listener cannot be bound (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status of `filter check` for an invalid filter.
+pub const EXIT_BAD_FILTER: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "twinroute", version, about = "Event-forwarding data plane for digital twins (ADT-compatible routes and endpoints)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: ingest, routing and delivery (the local demo when no --config is given).
+    Run {
+        /// Configuration file (TOML). Without it, the embedded local demo configuration.
+        #[arg(long, short, env = "TWINROUTE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Read NDJSON CloudEvents from FILE (or - for stdin), deliver them, and exit;
+        /// no HTTP listeners are opened.
+        #[arg(long, value_name = "FILE|-")]
+        input: Option<String>,
+    },
+    /// Check a configuration and report every problem (exit status 78 when there are any).
+    CheckConfig {
+        #[arg(long, short, env = "TWINROUTE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Route filters.
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
+    /// Routes of a configuration.
+    Route {
+        #[command(subcommand)]
+        command: RouteCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FilterCommand {
+    /// Validate a filter; with --event, print `true` or `false` for that event.
+    Check {
+        /// The filter, in ADT's route filter language.
+        #[arg(long)]
+        filter: String,
+        /// A structured CloudEvent (JSON) file, or - for stdin.
+        #[arg(long, value_name = "FILE|-")]
+        event: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Show, for each route, whether an event matches it and, when not, which clause failed.
+    Explain {
+        #[arg(long, short, env = "TWINROUTE_CONFIG")]
+        config: Option<PathBuf>,
+        /// A structured CloudEvent (JSON) file, or - for stdin.
+        #[arg(long, value_name = "FILE|-")]
+        event: String,
+    },
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, input } => run(config.as_deref(), input),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Filter { command: FilterCommand::Check { filter, event } } => filter_check(&filter, event.as_deref()),
+        Command::Route { command: RouteCommand::Explain { config, event } } => route_explain(config.as_deref(), &event),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("twinroute: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn read_input(source: &str) -> std::io::Result<Vec<u8>> {
+    if source == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else {
+        std::fs::read(source)
+    }
+}
+
+fn read_event(source: &str) -> Result<CloudEvent, ExitCode> {
+    let bytes = read_input(source).map_err(|e| {
+        eprintln!("twinroute: cannot read the event from {source}: {e}");
+        ExitCode::from(EXIT_DATA)
+    })?;
+    parse_structured(&bytes).map_err(|problems| {
+        eprintln!("twinroute: the event in {source} is invalid:\n{}", describe_problems(&problems));
+        ExitCode::from(EXIT_DATA)
+    })
+}
+
+fn check_config(path: Option<&Path>) -> ExitCode {
+    match load_config(path) {
+        Ok(c) => {
+            println!(
+                "configuration {} is valid: {} endpoints, {} routes, {} sources",
+                c.origin,
+                c.endpoints.len(),
+                c.routes.len(),
+                c.sources.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn filter_check(text: &str, event: Option<&str>) -> ExitCode {
+    let filter = match Filter::parse(text) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("twinroute: invalid filter: {e}");
+            return ExitCode::from(EXIT_BAD_FILTER);
+        }
+    };
+    match event {
+        None => {
+            println!("valid: {filter}");
+            ExitCode::SUCCESS
+        }
+        Some(source) => match read_event(source) {
+            Ok(event) => {
+                println!("{}", filter.matches(&event));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+fn route_explain(config: Option<&Path>, event: &str) -> ExitCode {
+    let config = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let event = match read_event(event) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
+    let table = RouteTable::new(
+        config
+            .routes
+            .values()
+            .map(|r| Route { id: r.id.clone(), endpoint: r.endpoint_name.clone(), filter: r.filter.clone() })
+            .collect(),
+    );
+    let mut delivered_to = Vec::new();
+    for (route, endpoint, explanation) in table.explain(&event) {
+        let verdict = if explanation.matched { "MATCH" } else { "no match" };
+        println!("route {route} -> {endpoint}: {verdict}");
+        let detail = explanation.to_string();
+        for line in detail.lines() {
+            println!("    {line}");
+        }
+        if explanation.matched && !delivered_to.contains(&endpoint) {
+            delivered_to.push(endpoint);
+        }
+    }
+    if delivered_to.is_empty() {
+        println!("the event matches no route: it would be dropped (counted in twinroute_events_unmatched_total)");
+    } else {
+        println!("the event would be delivered to: {}", delivered_to.join(", "));
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::telemetry::init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinroute: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        // Install the recorder before anything records.
+        crate::telemetry::prometheus();
+        let one_shot = input.is_some();
+        let running = match Running::start(config, RunOptions { input, sinks: None }).await {
+            Ok(r) => r,
+            Err(StartError::Config(e)) => {
+                eprintln!("twinroute: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            Err(e @ StartError::Bind { .. }) => {
+                eprintln!("twinroute: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        if one_shot {
+            let report = tokio::select! {
+                r = running.run_input() => r,
+                () = shutdown_signal() => {
+                    // The input task is aborted by the stop; what was accepted is drained.
+                    return ExitCode::SUCCESS;
+                }
+            };
+            return match report {
+                Ok(report) => {
+                    let input = report.input.unwrap_or_default();
+                    eprintln!(
+                        "twinroute: input done: {} accepted ({} matched no route), {} invalid",
+                        input.accepted, input.unmatched, input.invalid
+                    );
+                    if !report.undelivered.is_empty() {
+                        ExitCode::FAILURE
+                    } else if input.invalid > 0 {
+                        ExitCode::from(EXIT_DATA)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("twinroute: reading the input failed: {e}");
+                    ExitCode::from(EXIT_DATA)
+                }
+            };
+        }
+        shutdown_signal().await;
+        let report = running.stop().await;
+        if report.undelivered.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            // The drain deadline passed: what was left is logged per endpoint. A deliberate
+            // stop still exits 0 so supervisors do not treat it as a crash.
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,538 @@
+//! Configuration: a TOML file (or the embedded local default) with environment overrides, checked
+//! strictly. Unknown keys are errors, and every problem in the file is reported at once so a user
+//! fixes them in one pass; `twinroute` then exits with status 78 (`EX_CONFIG`).
+//!
+//! Environment overrides use the prefix `TWINROUTE_` and `__` between levels, e.g.
+//! `TWINROUTE_INGEST__LISTEN=0.0.0.0:8080` or `TWINROUTE_LOG__FORMAT=json`.
+
+mod connection_string;
+mod endpoint;
+mod secret;
+
+pub use connection_string::ConnectionString;
+pub use endpoint::{
+    validate_endpoint_name, AuthenticationType, DeadLetter, EndpointConfig, EndpointSpec, EndpointTarget,
+    EndpointType, EventGridSchema, Identity, IdentitySpec, ServiceBusEntity,
+};
+pub use secret::Secret;
+
+use crate::filter::Filter;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The configuration `twinroute run` uses when given none: the local demo (sample events routed
+/// to stdout and a file). Also what `config/local.toml` in the repository holds.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/local.toml");
+
+/// Exit status for configuration errors (`EX_CONFIG` from sysexits.h), which systemd and
+/// supervisors recognise as "do not restart in a loop".
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Ingest listens on loopback unless told otherwise: exposing it is a deliberate choice.
+pub const DEFAULT_INGEST_LISTEN: &str = "127.0.0.1:8080";
+/// The admin API (routes, endpoints, metrics, health) is on its own port, loopback by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+/// Largest HTTP request body ingest reads: 4 MiB, room for a batch of many ADT-sized events.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest single event: 1 MiB, the Event Hubs (standard tier) and Event Grid per-event limit, so
+/// an accepted event can be delivered anywhere.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// Most events in one batch request.
+pub const DEFAULT_MAX_BATCH_EVENTS: usize = 1000;
+/// Events each endpoint's queue holds before ingest pushes back with 503.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 10_000;
+/// The `Retry-After` ingest sends with a 503.
+pub const DEFAULT_RETRY_AFTER_SECONDS: u64 = 1;
+/// How long a shutdown waits for queues to drain before giving up and reporting what is left.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
+/// Route and endpoint caps (ADT allows 6 of each; twinroute is not so tight, but still bounded).
+pub const DEFAULT_MAX_ROUTES: usize = 1000;
+pub const DEFAULT_MAX_ENDPOINTS: usize = 100;
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where the configuration came from (a path, or "embedded default").
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "configuration {} has {n} problem{}:", self.origin, if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// `[ingest]`: the HTTP intake.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct IngestConfig {
+    pub listen: String,
+    pub max_request_bytes: usize,
+    pub max_event_bytes: usize,
+    pub max_batch_events: usize,
+    pub retry_after_seconds: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_INGEST_LISTEN.into(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
+            retry_after_seconds: DEFAULT_RETRY_AFTER_SECONDS,
+        }
+    }
+}
+
+/// `[admin]`: the control plane and observability API.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    pub listen: String,
+    pub max_routes: usize,
+    pub max_endpoints: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: DEFAULT_ADMIN_LISTEN.into(), max_routes: DEFAULT_MAX_ROUTES, max_endpoints: DEFAULT_MAX_ENDPOINTS }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event (the default on a terminal).
+    #[default]
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `twinroute=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    pub queue_capacity: usize,
+    pub shutdown_timeout_seconds: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { queue_capacity: DEFAULT_QUEUE_CAPACITY, shutdown_timeout_seconds: DEFAULT_SHUTDOWN_TIMEOUT_SECONDS }
+    }
+}
+
+impl DeliveryConfig {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_seconds)
+    }
+}
+
+/// A route as written in `[routes.<id>]`, or sent to `PUT /eventroutes/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub endpoint_name: String,
+    /// The filter; `true` (every event) when absent, as `az dt route create` does.
+    #[serde(default = "default_filter")]
+    pub filter: String,
+}
+
+fn default_filter() -> String {
+    "true".into()
+}
+
+/// A checked route.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub id: String,
+    pub endpoint_name: String,
+    pub filter: Filter,
+}
+
+/// Route ids: 1 to 128 letters, digits, `-`, `_` and `.`, starting with a letter or digit
+/// (ADT documents ids as case-sensitive and unique; twinroute also keeps them URL-safe).
+pub fn validate_route_id(id: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && id.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid route id {id:?}: use 1 to 128 letters, digits, '-', '_' and '.', starting with a letter or digit"
+        ))
+    }
+}
+
+impl RouteSpec {
+    /// Checks the id and compiles the filter. Whether the endpoint exists is the caller's check
+    /// (it depends on the other endpoints).
+    pub fn validate(&self, id: &str) -> Result<RouteConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        if let Err(e) = validate_route_id(id) {
+            problems.push(e);
+        }
+        if self.endpoint_name.trim().is_empty() {
+            problems.push("endpoint_name: required".into());
+        }
+        let filter = match Filter::parse(&self.filter) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                problems.push(format!("filter: {e}"));
+                None
+            }
+        };
+        match filter {
+            Some(filter) if problems.is_empty() => {
+                Ok(RouteConfig { id: id.to_owned(), endpoint_name: self.endpoint_name.clone(), filter })
+            }
+            _ => Err(problems),
+        }
+    }
+}
+
+/// `[sources.<name>]`: inputs other than HTTP.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Generates realistic ADT events for a small twin population: the local demo's input.
+    Sample {
+        #[serde(default = "default_sample_rate")]
+        events_per_second: f64,
+        #[serde(default = "default_sample_twins")]
+        twins: usize,
+        /// Stop after this many events (run forever when absent).
+        #[serde(default)]
+        limit: Option<u64>,
+    },
+    /// Newline-delimited JSON CloudEvents from a file, or stdin when `path = "-"`.
+    Ndjson { path: String },
+}
+
+fn default_sample_rate() -> f64 {
+    2.0
+}
+fn default_sample_twins() -> usize {
+    5
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where API changes to routes and endpoints are stored so they survive a restart. Without
+    /// it, such changes last until the process exits (and a warning says so).
+    pub state_dir: Option<PathBuf>,
+    pub ingest: IngestConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub delivery: DeliveryConfig,
+    pub endpoints: BTreeMap<String, EndpointConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Where this configuration came from, for messages.
+    pub origin: String,
+}
+
+const TOP_LEVEL_KEYS: [&str; 8] = ["state_dir", "ingest", "admin", "log", "delivery", "endpoints", "routes", "sources"];
+
+/// Deserializes one section, reporting unknown keys and type errors with their full path.
+fn section<T: DeserializeOwned + Default>(prefix: &str, value: Option<&serde_json::Value>, problems: &mut Vec<String>) -> T {
+    let Some(value) = value else { return T::default() };
+    match item::<T>(prefix, value, problems) {
+        Some(v) => v,
+        None => T::default(),
+    }
+}
+
+fn item<T: DeserializeOwned>(prefix: &str, value: &serde_json::Value, problems: &mut Vec<String>) -> Option<T> {
+    let mut unknown = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut record);
+    let result: Result<T, _> = serde_path_to_error::deserialize(de);
+    for key in unknown {
+        problems.push(format!("{prefix}.{key}: unknown key"));
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let at = if path == "." { prefix.to_owned() } else { format!("{prefix}.{path}") };
+            problems.push(format!("{at}: {}", e.into_inner()));
+            None
+        }
+    }
+}
+
+fn table<'a>(
+    name: &str,
+    value: Option<&'a serde_json::Value>,
+    problems: &mut Vec<String>,
+) -> Vec<(&'a String, &'a serde_json::Value)> {
+    match value {
+        None => Vec::new(),
+        Some(serde_json::Value::Object(map)) => map.iter().collect(),
+        Some(_) => {
+            problems.push(format!("{name}: must be a table of [{name}.<name>] sections"));
+            Vec::new()
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file at `path` (the embedded default when `None`) with overrides from the
+    /// process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (t, p.display().to_string()),
+                Err(e) => {
+                    return Err(ConfigError {
+                        origin: p.display().to_string(),
+                        problems: vec![format!("cannot read the file: {e}")],
+                    })
+                }
+            },
+            None => (EMBEDDED_DEFAULT.to_owned(), "embedded default (config/local.toml)".to_owned()),
+        };
+        Self::from_toml(&text, &origin, None)
+    }
+
+    /// Parses TOML text. `env` replaces the process environment for overrides (tests pass a
+    /// map; `None` reads the real environment).
+    pub fn from_toml(text: &str, origin: &str, env: Option<HashMap<String, String>>) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError { origin: origin.to_owned(), problems };
+        let environment = config::Environment::with_prefix("TWINROUTE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let layered = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(environment)
+            .build()
+            .map_err(|e| fail(vec![e.to_string()]))?;
+        let raw: serde_json::Value = layered.try_deserialize().map_err(|e| fail(vec![e.to_string()]))?;
+        Self::from_value(&raw, origin).map_err(fail)
+    }
+
+    fn from_value(raw: &serde_json::Value, origin: &str) -> Result<Config, Vec<String>> {
+        let mut problems = Vec::new();
+        let empty = serde_json::Map::new();
+        let top = raw.as_object().unwrap_or(&empty);
+        for key in top.keys() {
+            if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+                problems.push(format!("{key}: unknown key (known: {})", TOP_LEVEL_KEYS.join(", ")));
+            }
+        }
+        let state_dir = match top.get("state_dir") {
+            None => None,
+            Some(serde_json::Value::String(s)) if !s.is_empty() => Some(PathBuf::from(s)),
+            Some(_) => {
+                problems.push("state_dir: must be a directory path".into());
+                None
+            }
+        };
+        let ingest: IngestConfig = section("ingest", top.get("ingest"), &mut problems);
+        let admin: AdminConfig = section("admin", top.get("admin"), &mut problems);
+        let log: LogConfig = section("log", top.get("log"), &mut problems);
+        let delivery: DeliveryConfig = section("delivery", top.get("delivery"), &mut problems);
+        for (key, listen) in [("ingest.listen", &ingest.listen), ("admin.listen", &admin.listen)] {
+            if listen.parse::<SocketAddr>().is_err() {
+                problems.push(format!("{key}: {listen:?} is not an address:port (e.g. 127.0.0.1:8080)"));
+            }
+        }
+        if ingest.max_event_bytes == 0 || ingest.max_request_bytes == 0 || ingest.max_batch_events == 0 {
+            problems.push("ingest: max_event_bytes, max_request_bytes and max_batch_events must be positive".into());
+        }
+        if delivery.queue_capacity == 0 {
+            problems.push("delivery.queue_capacity: must be positive".into());
+        }
+        if let Err(e) = log.level.parse::<tracing_subscriber::EnvFilter>() {
+            problems.push(format!("log.level: {:?} is not a log filter ({e})", log.level));
+        }
+
+        let mut endpoints = BTreeMap::new();
+        for (name, value) in table("endpoints", top.get("endpoints"), &mut problems) {
+            let prefix = format!("endpoints.{name}");
+            if let Some(spec) = item::<EndpointSpec>(&prefix, value, &mut problems) {
+                match spec.validate(name) {
+                    Ok(e) => {
+                        endpoints.insert(name.clone(), e);
+                    }
+                    Err(ps) => problems.extend(ps.into_iter().map(|p| format!("{prefix}: {p}"))),
+                }
+            }
+        }
+        let mut routes = BTreeMap::new();
+        let route_table = table("routes", top.get("routes"), &mut problems);
+        for (id, value) in &route_table {
+            let prefix = format!("routes.{id}");
+            if let Some(spec) = item::<RouteSpec>(&prefix, value, &mut problems) {
+                match spec.validate(id) {
+                    Ok(r) => {
+                        if !endpoints.contains_key(&r.endpoint_name) {
+                            problems.push(format!(
+                                "{prefix}.endpoint_name: no endpoint named {:?} (define [endpoints.{}])",
+                                r.endpoint_name, r.endpoint_name
+                            ));
+                        }
+                        routes.insert((*id).clone(), r);
+                    }
+                    Err(ps) => problems.extend(ps.into_iter().map(|p| format!("{prefix}: {p}"))),
+                }
+            }
+        }
+        let mut sources = BTreeMap::new();
+        for (name, value) in table("sources", top.get("sources"), &mut problems) {
+            if let Some(s) = item::<SourceConfig>(&format!("sources.{name}"), value, &mut problems) {
+                sources.insert(name.clone(), s);
+            }
+        }
+        if endpoints.len() > admin.max_endpoints {
+            problems.push(format!("endpoints: {} defined, more than admin.max_endpoints = {}", endpoints.len(), admin.max_endpoints));
+        }
+        if route_table.len() > admin.max_routes {
+            problems.push(format!("routes: {} defined, more than admin.max_routes = {}", route_table.len(), admin.max_routes));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config { state_dir, ingest, admin, log, delivery, endpoints, routes, sources, origin: origin.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, "test.toml", Some(HashMap::new()))
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::from_toml(EMBEDDED_DEFAULT, "embedded", Some(HashMap::new())).unwrap();
+        assert!(!c.routes.is_empty());
+        assert!(!c.sources.is_empty());
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load("").unwrap();
+        assert_eq!(c.ingest.listen, DEFAULT_INGEST_LISTEN);
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.ingest.max_event_bytes, DEFAULT_MAX_EVENT_BYTES);
+        assert_eq!(c.delivery.queue_capacity, DEFAULT_QUEUE_CAPACITY);
+        assert!(c.routes.is_empty() && c.endpoints.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(
+            r#"
+            colour = "blue"
+            [ingest]
+            listen = "nowhere"
+            max_event_bytes = "big"
+            [log]
+            verbosity = 3
+            [endpoints.out]
+            type = "File"
+            pth = "/tmp/x"
+            [endpoints.sink2]
+            type = "Stdout"
+            [routes.r1]
+            endpoint_name = "missing"
+            filter = "type = 'x'"
+            [routes.r2]
+            endpoint_name = "sink2"
+            filter = "type = "
+            "#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "colour: unknown key",
+            "ingest.max_event_bytes: invalid type",
+            "log.verbosity: unknown key",
+            "endpoints.out.pth: unknown key",
+            "endpoints.out: path: required",
+            "routes.r1.endpoint_name: no endpoint named \"missing\"",
+            "routes.r2: filter:",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = HashMap::from([
+            ("TWINROUTE_INGEST__LISTEN".to_owned(), "0.0.0.0:9999".to_owned()),
+            ("TWINROUTE_LOG__FORMAT".to_owned(), "json".to_owned()),
+            ("TWINROUTE_DELIVERY__QUEUE_CAPACITY".to_owned(), "5".to_owned()),
+        ]);
+        let c = Config::from_toml("[ingest]\nlisten = \"127.0.0.1:1\"\n", "t", Some(env)).unwrap();
+        assert_eq!(c.ingest.listen, "0.0.0.0:9999");
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.delivery.queue_capacity, 5);
+    }
+
+    #[test]
+    fn route_filter_defaults_to_true_and_route_ids_are_checked() {
+        let c = load("[endpoints.out]\ntype='Stdout'\n[routes.all]\nendpoint_name='out'\n").unwrap();
+        assert_eq!(c.routes["all"].filter.constant(), Some(true));
+        let err = load("[endpoints.out]\ntype='Stdout'\n[routes.'-x']\nendpoint_name='out'\n").unwrap_err();
+        assert!(err.to_string().contains("invalid route id"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_echoed_in_errors() {
+        let err = load(
+            "[endpoints.hub]\ntype='EventHub'\nconnection_string='Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=TOPSECRET'\nbogus=1\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("bogus") && text.contains("entity_path"), "{text}");
+        assert!(!text.contains("TOPSECRET"), "{text}");
+    }
+
+    #[test]
+    fn sources_are_typed() {
+        let c = load("[sources.demo]\ntype='sample'\nevents_per_second=5.0\n[sources.replay]\ntype='ndjson'\npath='-'\n").unwrap();
+        assert_eq!(c.sources["demo"], SourceConfig::Sample { events_per_second: 5.0, twins: 5, limit: None });
+        let err = load("[sources.x]\ntype='kafka'\n").unwrap_err();
+        assert!(err.to_string().contains("sources.x"), "{err}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The `twinroute` binary: exit statuses, output, signals.
+
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+
+fn twinroute() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_twinroute"));
+    c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG");
+    c
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const EVENT: &str = r#"{"specversion":"1.0","id":"e1","type":"microsoft.iot.telemetry","source":"h/digitaltwins/room-1","datacontenttype":"application/json","data":{"temperature":31.5}}"#;
+
+#[test]
+fn check_config_reports_every_problem_with_status_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = write(dir.path(), "ok.toml", "[endpoints.out]\ntype = \"Stdout\"\n[routes.all]\nendpoint_name = \"out\"\n");
+    let out = twinroute().args(["check-config", "--config"]).arg(&ok).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 endpoints, 1 routes"));
+
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[ingest]\nlisten = \"x\"\nspeed = 1\n[endpoints.out]\ntype = \"Stdout\"\n[routes.r]\nendpoint_name = \"out\"\nfilter = \"type = 'a' AND\"\n",
+    );
+    for command in ["check-config", "run"] {
+        let out = twinroute().args([command, "--config"]).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(78), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in ["3 problems", "ingest.speed: unknown key", "ingest.listen", "routes.r: filter:"] {
+            assert!(stderr.contains(needle), "{command}: {needle} missing from {stderr}");
+        }
+    }
+    let missing = twinroute().args(["check-config", "--config", "/nonexistent/twinroute.toml"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(78));
+    // The embedded default is valid.
+    assert_eq!(twinroute().arg("check-config").output().unwrap().status.code(), Some(0));
+}
+
+#[test]
+fn filter_check_prints_true_or_false_and_exits_2_on_a_bad_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = write(dir.path(), "event.json", EVENT);
+    let run = |filter: &str, event: Option<&std::path::Path>| {
+        let mut c = twinroute();
+        c.args(["filter", "check", "--filter", filter]);
+        if let Some(e) = event {
+            c.arg("--event").arg(e);
+        }
+        c.output().unwrap()
+    };
+    let yes = run("$body.temperature > 30 AND type = 'microsoft.iot.telemetry'", Some(&event));
+    assert_eq!((yes.status.code(), yes.stdout.as_slice()), (Some(0), &b"true\n"[..]));
+    let no = run("$body.temperature > 40", Some(&event));
+    assert_eq!((no.status.code(), no.stdout.as_slice()), (Some(0), &b"false\n"[..]));
+    let valid = run("true", None);
+    assert_eq!(valid.status.code(), Some(0));
+    let bad = run("type = 'a' AND", Some(&event));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(bad.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("offset 14") && stderr.contains("type = 'a' AND\n") && stderr.contains('^'), "{stderr}");
+
+    // The event from stdin.
+    let mut child = twinroute()
+        .args(["filter", "check", "--filter", "subject = 'x'", "--event", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(EVENT.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!((out.status.code(), out.stdout.as_slice()), (Some(0), &b"false\n"[..]));
+
+    let invalid_event = write(dir.path(), "bad.json", r#"{"specversion":"1.0"}"#);
+    let out = run("true", Some(&invalid_event));
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("id: required attribute is missing"));
+}
+
+#[test]
+fn route_explain_names_the_failing_clause() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "c.toml",
+        "[endpoints.hot]\ntype = \"Stdout\"\n[endpoints.cold]\ntype = \"Stdout\"\n\
+         [routes.hot-rooms]\nendpoint_name = \"hot\"\nfilter = \"$body.temperature > 30\"\n\
+         [routes.cold-rooms]\nendpoint_name = \"cold\"\nfilter = \"type = 'microsoft.iot.telemetry' AND $body.temperature < 10\"\n",
+    );
+    let event = write(dir.path(), "event.json", EVENT);
+    let out = twinroute().args(["route", "explain", "--config"]).arg(&config).arg("--event").arg(&event).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("route hot-rooms -> hot: MATCH"), "{stdout}");
+    assert!(stdout.contains("route cold-rooms -> cold: no match"), "{stdout}");
+    assert!(stdout.contains("31.5"), "the failing clause shows the value it saw:\n{stdout}");
+    assert!(stdout.contains("would be delivered to: hot"), "{stdout}");
+}
+
+#[test]
+fn run_with_input_replays_ndjson_and_reports_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.ndjson");
+    let config = write(
+        dir.path(),
+        "c.toml",
+        &format!("[endpoints.out]\ntype = \"File\"\npath = \"{}\"\n[routes.all]\nendpoint_name = \"out\"\n", out_file.display()),
+    );
+    let good = |i: usize| format!(r#"{{"specversion":"1.0","id":"e{i}","type":"t","source":"s","data":{{"n":{i}}}}}"#);
+    let mut input = String::new();
+    for i in 0..200 {
+        input.push_str(&good(i));
+        input.push('\n');
+        if i == 100 {
+            input.push_str("{not json\n\n");
+        }
+    }
+    let input_file = write(dir.path(), "in.ndjson", &input);
+    let out = twinroute().args(["run", "--config"]).arg(&config).arg("--input").arg(&input_file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "one bad line makes the exit status 65: {stderr}");
+    assert!(stderr.contains("line=102") || stderr.contains("line: 102"), "the bad line is named: {stderr}");
+    assert!(stderr.contains("200 accepted"), "{stderr}");
+    let written = std::fs::read_to_string(&out_file).unwrap();
+    let lines: Vec<&str> = written.lines().collect();
+    assert_eq!(lines.len(), 200);
+    let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+    assert_eq!(json(lines[0]), json(&good(0)));
+    assert_eq!(json(lines[199]), json(&good(199)));
+
+    // From stdin, in a pipeline, with nothing wrong: exit 0.
+    let mut child = twinroute()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--input", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{}\n{}\n", good(500), good(501)).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 202);
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.ndjson");
+    let config = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "[ingest]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+             [endpoints.out]\ntype = \"File\"\npath = \"{}\"\n[routes.all]\nendpoint_name = \"out\"\n",
+            out_file.display()
+        ),
+    );
+    let mut child = twinroute()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut ingest = None;
+    let mut line = String::new();
+    while ingest.is_none() {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the daemon exited before listening");
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if log["message"] == "listening" {
+            let text = log["ingest"].as_str().unwrap();
+            ingest = Some(text.trim_start_matches("Some(").trim_end_matches(')').to_owned());
+        }
+    }
+    let ingest = ingest.unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let batch: Vec<serde_json::Value> = (0..50)
+            .map(|i| serde_json::json!({"specversion":"1.0","id":format!("e{i}"),"type":"t","source":"s"}))
+            .collect();
+        let r = client
+            .post(format!("http://{ingest}/events"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(serde_json::to_string(&batch).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    });
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let rest: Vec<String> = stderr.lines().map_while(Result::ok).collect();
+    assert_eq!(exit.code(), Some(0), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("SIGTERM received")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("every accepted event was delivered")), "{rest:?}");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 50);
+}
