@@ -56,13 +56,24 @@ pub struct Running {
     input: Option<JoinHandle<std::io::Result<NdjsonReport>>>,
 }
 
-async fn bind(addr: &str, what: &'static str, key: &'static str) -> Result<tokio::net::TcpListener, StartError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, key, addr: addr.to_owned(), source })
+async fn bind(
+    addr: &str,
+    what: &'static str,
+    key: &'static str,
+) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        what,
+        key,
+        addr: addr.to_owned(),
+        source,
+    })
 }
 
-fn serve(listener: tokio::net::TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -94,9 +105,9 @@ impl Running {
                     let stdin = tokio::io::BufReader::new(tokio::io::stdin());
                     ingest::ndjson::run(stdin, "stdin", &dispatcher, max).await
                 } else {
-                    let file = tokio::fs::File::open(&path).await.map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot open {path}: {e}"))
-                    })?;
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
                     ingest::ndjson::run(tokio::io::BufReader::new(file), &path, &dispatcher, max).await
                 }
             }));
@@ -105,7 +116,8 @@ impl Running {
             let admin_listener = bind(&config.admin.listen, "admin API", "admin.listen").await?;
             ingest_addr = ingest_listener.local_addr().ok();
             admin_addr = admin_listener.local_addr().ok();
-            let ingest_state = IngestState { dispatcher: dispatcher.clone(), limits: Arc::new(config.ingest.clone()) };
+            let ingest_state =
+                IngestState { dispatcher: dispatcher.clone(), limits: Arc::new(config.ingest.clone()) };
             servers.push(serve(ingest_listener, ingest::http::router(ingest_state), stop_rx.clone()));
             let admin_state = AdminState { control: control.clone(), dispatcher: dispatcher.clone() };
             servers.push(serve(admin_listener, admin::router(admin_state), stop_rx.clone()));
@@ -173,7 +185,10 @@ impl Running {
         if let Some(i) = &self.input {
             i.abort();
         }
-        tracing::info!(deadline_s = self.drain_deadline.as_secs(), "shutting down: intake closed, draining queues");
+        tracing::info!(
+            deadline_s = self.drain_deadline.as_secs(),
+            "shutting down: intake closed, draining queues"
+        );
         let undelivered = self.dispatcher.shutdown(self.drain_deadline).await;
         let _ = self.stop_servers.send(true);
         for server in self.servers {

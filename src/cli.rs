@@ -18,7 +18,11 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_BAD_FILTER: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "twinroute", version, about = "Event-forwarding data plane for digital twins (ADT-compatible routes and endpoints)")]
+#[command(
+    name = "twinroute",
+    version,
+    about = "Event-forwarding data plane for digital twins (ADT-compatible routes and endpoints)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -84,8 +88,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, input } => run(config.as_deref(), input),
         Command::CheckConfig { config } => check_config(config.as_deref()),
-        Command::Filter { command: FilterCommand::Check { filter, event } } => filter_check(&filter, event.as_deref()),
-        Command::Route { command: RouteCommand::Explain { config, event } } => route_explain(config.as_deref(), &event),
+        Command::Filter { command: FilterCommand::Check { filter, event } } => {
+            filter_check(&filter, event.as_deref())
+        }
+        Command::Route { command: RouteCommand::Explain { config, event } } => {
+            route_explain(config.as_deref(), &event)
+        }
     }
 }
 
@@ -185,7 +193,9 @@ fn route_explain(config: Option<&Path>, event: &str) -> ExitCode {
         }
     }
     if delivered_to.is_empty() {
-        println!("the event matches no route: it would be dropped (counted in twinroute_events_unmatched_total)");
+        println!(
+            "the event matches no route: it would be dropped (counted in twinroute_events_unmatched_total)"
+        );
     } else {
         println!("the event would be delivered to: {}", delivered_to.join(", "));
     }

@@ -33,18 +33,47 @@ pub fn prometheus() -> &'static PrometheusHandle {
 /// Help texts for every metric twinroute exports (the metrics reference in the README).
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("twinroute_events_received_total", "Events accepted, by source (http, ndjson, sample).");
-    describe_counter!("twinroute_events_unmatched_total", "Accepted events that matched no route (dropped, as ADT does).");
-    describe_counter!("twinroute_events_routed_total", "Events queued for an endpoint (one per endpoint an event matched).");
+    describe_counter!(
+        "twinroute_events_received_total",
+        "Events accepted, by source (http, ndjson, sample)."
+    );
+    describe_counter!(
+        "twinroute_events_unmatched_total",
+        "Accepted events that matched no route (dropped, as ADT does)."
+    );
+    describe_counter!(
+        "twinroute_events_routed_total",
+        "Events queued for an endpoint (one per endpoint an event matched)."
+    );
     describe_counter!("twinroute_events_delivered_total", "Events delivered to an endpoint.");
-    describe_counter!("twinroute_events_dropped_total", "Events an endpoint refused permanently and that were dropped.");
-    describe_counter!("twinroute_events_rejected_total", "Events refused after validation, by reason (backpressure, shutting_down).");
+    describe_counter!(
+        "twinroute_events_dropped_total",
+        "Events an endpoint refused permanently and that were dropped."
+    );
+    describe_counter!(
+        "twinroute_events_rejected_total",
+        "Events refused after validation, by reason (backpressure, shutting_down)."
+    );
     describe_counter!("twinroute_requests_rejected_total", "Ingest requests refused, by reason (invalid, request_too_large, event_too_large, too_many_events, unsupported_media_type, unavailable).");
-    describe_counter!("twinroute_delivery_failures_total", "Failed delivery attempts, by endpoint and reason (transient, auth, permanent).");
-    describe_counter!("twinroute_control_plane_changes_total", "Route and endpoint changes through the admin API, by result.");
+    describe_counter!(
+        "twinroute_delivery_failures_total",
+        "Failed delivery attempts, by endpoint and reason (transient, auth, permanent)."
+    );
+    describe_counter!(
+        "twinroute_control_plane_changes_total",
+        "Route and endpoint changes through the admin API, by result."
+    );
     describe_gauge!("twinroute_endpoint_queue_depth", "Events waiting in an endpoint's queue.");
-    describe_histogram!("twinroute_routing_duration_seconds", Unit::Seconds, "Time to match one event against the route table.");
-    describe_histogram!("twinroute_delivery_duration_seconds", Unit::Seconds, "Time from acceptance to delivery, per endpoint.");
+    describe_histogram!(
+        "twinroute_routing_duration_seconds",
+        Unit::Seconds,
+        "Time to match one event against the route table."
+    );
+    describe_histogram!(
+        "twinroute_delivery_duration_seconds",
+        Unit::Seconds,
+        "Time from acceptance to delivery, per endpoint."
+    );
 }
 
 /// Installs the log subscriber. `RUST_LOG`, when set, overrides the configured level.
@@ -55,7 +84,8 @@ pub fn init_logging(config: &LogConfig) -> bool {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal, never into files or journald.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.format {
         LogFormat::Human => builder.try_init().is_ok(),
         LogFormat::Json => builder.json().flatten_event(true).try_init().is_ok(),

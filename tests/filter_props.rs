@@ -397,7 +397,8 @@ fn check_parse(text: &str) -> Result<(), TestCaseError> {
             prop_assert!(text.is_char_boundary(e.offset));
             let shown = e.to_string();
             prop_assert!(shown.starts_with("expected "));
-            prop_assert!(shown.contains(&format!("at offset {}", e.offset)));
+            let at = format!("at offset {}", e.offset);
+            prop_assert!(shown.contains(&at), "{}", shown);
         }
     }
     Ok(())

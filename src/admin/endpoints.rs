@@ -181,7 +181,11 @@ fn resource(e: &EndpointConfig) -> EndpointResourceOut {
     }
 }
 
-pub(super) async fn list(State(state): State<AdminState>, Query(query): Query<ApiQuery>, headers: HeaderMap) -> Response {
+pub(super) async fn list(
+    State(state): State<AdminState>,
+    Query(query): Query<ApiQuery>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }
@@ -189,7 +193,11 @@ pub(super) async fn list(State(state): State<AdminState>, Query(query): Query<Ap
     page(items, &query, &headers, "/endpoints")
 }
 
-pub(super) async fn get_one(State(state): State<AdminState>, Path(name): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+pub(super) async fn get_one(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<ApiQuery>,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }
@@ -210,7 +218,13 @@ pub(super) async fn put(
     }
     let input: EndpointResourceIn = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error_response(400, "InvalidRequestBody", format!("the body is not an endpoint resource: {e}")),
+        Err(e) => {
+            return error_response(
+                400,
+                "InvalidRequestBody",
+                format!("the body is not an endpoint resource: {e}"),
+            )
+        }
     };
     let Some(properties) = input.properties else {
         return error_response(400, "InvalidRequestBody", "the body needs a properties object".into());
@@ -238,7 +252,11 @@ pub(super) async fn put(
     }
 }
 
-pub(super) async fn delete(State(state): State<AdminState>, Path(name): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+pub(super) async fn delete(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    Query(query): Query<ApiQuery>,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }

@@ -7,8 +7,8 @@
 
 mod endpoints;
 
-use crate::control::{route_not_found, ControlError, ControlPlane, Upsert};
 use crate::config::RouteSpec;
+use crate::control::{route_not_found, ControlError, ControlPlane, Upsert};
 use crate::delivery::{Dispatcher, Health};
 use crate::ingest::{ErrorBody, ErrorDetail};
 use axum::extract::{Path, Query, State};
@@ -47,7 +47,8 @@ pub fn router(state: AdminState) -> Router {
 pub(crate) fn error_response(status: u16, code: &'static str, message: String) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response =
-        (status, Json(ErrorBody::<()> { error: ErrorDetail { code, message, details: None } })).into_response();
+        (status, Json(ErrorBody::<()> { error: ErrorDetail { code, message, details: None } }))
+            .into_response();
     if let Ok(v) = HeaderValue::from_str(code) {
         response.headers_mut().insert("x-ms-error-code", v);
     }
@@ -70,6 +71,8 @@ pub(crate) struct ApiQuery {
 
 impl ApiQuery {
     /// Refuses an `api-version` this API does not serve; an absent one is accepted.
+    // The error is the answer to send, an axum `Response`: boxing it would only add a step.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn check(&self) -> Result<(), Response> {
         match self.api_version.as_deref() {
             Some(v) if !API_VERSIONS.contains(&v) => Err(error_response(
@@ -130,7 +133,11 @@ struct EventRouteIn {
     filter: Option<String>,
 }
 
-async fn list_routes(State(state): State<AdminState>, Query(query): Query<ApiQuery>, headers: HeaderMap) -> Response {
+async fn list_routes(
+    State(state): State<AdminState>,
+    Query(query): Query<ApiQuery>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }
@@ -138,20 +145,32 @@ async fn list_routes(State(state): State<AdminState>, Query(query): Query<ApiQue
     let items = routes
         .into_iter()
         .map(|r| {
-            let body = EventRouteBody { id: r.id.clone(), endpoint_name: r.endpoint_name, filter: r.filter.text().to_owned() };
+            let body = EventRouteBody {
+                id: r.id.clone(),
+                endpoint_name: r.endpoint_name,
+                filter: r.filter.text().to_owned(),
+            };
             (r.id, body)
         })
         .collect();
     page(items, &query, &headers, "/eventroutes")
 }
 
-async fn get_route(State(state): State<AdminState>, Path(id): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+async fn get_route(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(query): Query<ApiQuery>,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }
     match state.control.route(&id).await {
-        Some(r) => Json(EventRouteBody { id: r.id, endpoint_name: r.endpoint_name, filter: r.filter.text().to_owned() })
-            .into_response(),
+        Some(r) => Json(EventRouteBody {
+            id: r.id,
+            endpoint_name: r.endpoint_name,
+            filter: r.filter.text().to_owned(),
+        })
+        .into_response(),
         None => route_not_found(&id).into_response(),
     }
 }
@@ -167,16 +186,26 @@ async fn put_route(
     }
     let input: EventRouteIn = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error_response(400, "InvalidRequestBody", format!("the body is not an event route: {e}")),
+        Err(e) => {
+            return error_response(400, "InvalidRequestBody", format!("the body is not an event route: {e}"))
+        }
     };
     if input.id.as_deref().is_some_and(|body_id| body_id != id) {
-        return error_response(400, "EventRouteIdInvalid", format!("the body's id {:?} differs from the path's {id:?}", input.id.unwrap_or_default()));
+        return error_response(
+            400,
+            "EventRouteIdInvalid",
+            format!("the body's id {:?} differs from the path's {id:?}", input.id.unwrap_or_default()),
+        );
     }
     let Some(endpoint_name) = input.endpoint_name.filter(|e| !e.is_empty()) else {
         return error_response(400, "EventRouteEndpointInvalid", "endpointName is required".into());
     };
     let Some(filter) = input.filter else {
-        return error_response(400, "EventRouteFilterInvalid", "filter is required (use 'true' to route every event)".into());
+        return error_response(
+            400,
+            "EventRouteFilterInvalid",
+            "filter is required (use 'true' to route every event)".into(),
+        );
     };
     match state.control.put_route(&id, RouteSpec { endpoint_name, filter }).await {
         Ok(Upsert::Created | Upsert::Replaced) => StatusCode::NO_CONTENT.into_response(),
@@ -184,7 +213,11 @@ async fn put_route(
     }
 }
 
-async fn delete_route(State(state): State<AdminState>, Path(id): Path<String>, Query(query): Query<ApiQuery>) -> Response {
+async fn delete_route(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(query): Query<ApiQuery>,
+) -> Response {
     if let Err(r) = query.check() {
         return r;
     }

@@ -142,7 +142,9 @@ impl fmt::Display for AuthenticationType {
 pub enum Identity {
     SystemAssigned,
     /// A user-assigned identity by its ARM resource id (sent to IMDS as `msi_res_id`).
-    UserAssigned { resource_id: String },
+    UserAssigned {
+        resource_id: String,
+    },
 }
 
 /// Service Bus entity kinds.
@@ -162,11 +164,27 @@ pub enum EventGridSchema {
 /// What an endpoint delivers to, checked and typed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EndpointTarget {
-    EventHub { namespace: String, hub: String, connection: Option<ConnectionString> },
-    ServiceBus { namespace: String, entity: String, kind: ServiceBusEntity, connection: Option<ConnectionString> },
-    EventGrid { topic_endpoint: url::Url, schema: EventGridSchema },
-    Blob { container_url: url::Url },
-    File { path: PathBuf },
+    EventHub {
+        namespace: String,
+        hub: String,
+        connection: Option<ConnectionString>,
+    },
+    ServiceBus {
+        namespace: String,
+        entity: String,
+        kind: ServiceBusEntity,
+        connection: Option<ConnectionString>,
+    },
+    EventGrid {
+        topic_endpoint: url::Url,
+        schema: EventGridSchema,
+    },
+    Blob {
+        container_url: url::Url,
+    },
+    File {
+        path: PathBuf,
+    },
     Stdout,
 }
 
@@ -303,11 +321,28 @@ impl EndpointSpec {
 
         // Which fields this type and auth mode use; anything else set is a mistake worth reporting.
         let allowed: &[&str] = match (endpoint_type, identity_based) {
-            (EndpointType::EventHub, false) => &["endpoint_uri", "entity_path", "connection_string", "connection_string_secondary", "dead_letter_secret"],
+            (EndpointType::EventHub, false) => &[
+                "endpoint_uri",
+                "entity_path",
+                "connection_string",
+                "connection_string_secondary",
+                "dead_letter_secret",
+            ],
             (EndpointType::EventHub, true) => &["endpoint_uri", "entity_path", "identity", "dead_letter_uri"],
-            (EndpointType::ServiceBus, false) => &["endpoint_uri", "entity_path", "entity_kind", "connection_string", "connection_string_secondary", "dead_letter_secret"],
-            (EndpointType::ServiceBus, true) => &["endpoint_uri", "entity_path", "entity_kind", "identity", "dead_letter_uri"],
-            (EndpointType::EventGrid, _) => &["topic_endpoint", "access_key1", "access_key2", "schema", "dead_letter_secret"],
+            (EndpointType::ServiceBus, false) => &[
+                "endpoint_uri",
+                "entity_path",
+                "entity_kind",
+                "connection_string",
+                "connection_string_secondary",
+                "dead_letter_secret",
+            ],
+            (EndpointType::ServiceBus, true) => {
+                &["endpoint_uri", "entity_path", "entity_kind", "identity", "dead_letter_uri"]
+            }
+            (EndpointType::EventGrid, _) => {
+                &["topic_endpoint", "access_key1", "access_key2", "schema", "dead_letter_secret"]
+            }
             (EndpointType::Blob, false) => &["container_sas_url", "dead_letter_secret"],
             (EndpointType::Blob, true) => &["container_url", "identity", "dead_letter_uri"],
             (EndpointType::File, _) => &["path"],
@@ -348,7 +383,8 @@ impl EndpointSpec {
                 Some(spec) => match spec.identity_type.as_str() {
                     t if t.eq_ignore_ascii_case("SystemAssigned") => {
                         if spec.user_assigned_identity.is_some() {
-                            problems.push("identity.user_assigned_identity: only for type UserAssigned".into());
+                            problems
+                                .push("identity.user_assigned_identity: only for type UserAssigned".into());
                         }
                         Some(Identity::SystemAssigned)
                     }
@@ -371,7 +407,9 @@ impl EndpointSpec {
                         }
                     },
                     other => {
-                        problems.push(format!("identity.type: {other:?} is neither SystemAssigned nor UserAssigned"));
+                        problems.push(format!(
+                            "identity.type: {other:?} is neither SystemAssigned nor UserAssigned"
+                        ));
                         None
                     }
                 },
@@ -383,7 +421,9 @@ impl EndpointSpec {
         let target = self.target(endpoint_type, identity_based, &mut problems);
 
         let dead_letter = match (&self.dead_letter_uri, &self.dead_letter_secret) {
-            (Some(uri), _) if identity_based => https_url("dead_letter_uri", uri, &mut problems).map(DeadLetter::Identity),
+            (Some(uri), _) if identity_based => {
+                https_url("dead_letter_uri", uri, &mut problems).map(DeadLetter::Identity)
+            }
             (_, Some(sas)) if !identity_based => {
                 sas_url("dead_letter_secret", sas, &mut problems).map(|_| DeadLetter::Sas(sas.clone()))
             }
@@ -404,7 +444,12 @@ impl EndpointSpec {
         }
     }
 
-    fn target(&self, endpoint_type: EndpointType, identity_based: bool, problems: &mut Vec<String>) -> Option<EndpointTarget> {
+    fn target(
+        &self,
+        endpoint_type: EndpointType,
+        identity_based: bool,
+        problems: &mut Vec<String>,
+    ) -> Option<EndpointTarget> {
         let required = |field: &str, value: &Option<String>, problems: &mut Vec<String>| -> Option<String> {
             match value.as_deref().map(str::trim) {
                 Some(v) if !v.is_empty() => Some(v.to_owned()),
@@ -492,10 +537,16 @@ impl EndpointSpec {
                 }
                 let schema = match self.schema.as_deref() {
                     None => EventGridSchema::CloudEvents,
-                    Some(s) if s.eq_ignore_ascii_case("CloudEvents") || s.eq_ignore_ascii_case("CloudEventSchemaV1_0") => {
+                    Some(s)
+                        if s.eq_ignore_ascii_case("CloudEvents")
+                            || s.eq_ignore_ascii_case("CloudEventSchemaV1_0") =>
+                    {
                         EventGridSchema::CloudEvents
                     }
-                    Some(s) if s.eq_ignore_ascii_case("EventGrid") || s.eq_ignore_ascii_case("EventGridSchema") => {
+                    Some(s)
+                        if s.eq_ignore_ascii_case("EventGrid")
+                            || s.eq_ignore_ascii_case("EventGridSchema") =>
+                    {
                         EventGridSchema::EventGrid
                     }
                     Some(s) => {
@@ -523,9 +574,8 @@ impl EndpointSpec {
                 };
                 Some(EndpointTarget::Blob { container_url: url? })
             }
-            EndpointType::File => {
-                required("path", &self.path, problems).map(|p| EndpointTarget::File { path: PathBuf::from(p) })
-            }
+            EndpointType::File => required("path", &self.path, problems)
+                .map(|p| EndpointTarget::File { path: PathBuf::from(p) }),
             EndpointType::Stdout => Some(EndpointTarget::Stdout),
         }
     }
@@ -534,7 +584,10 @@ impl EndpointSpec {
 /// The namespace host of an `sb://<ns>.servicebus.windows.net/` URI.
 fn namespace_of(uri: &str, problems: &mut Vec<String>) -> Option<String> {
     match url::Url::parse(uri) {
-        Ok(u) if matches!(u.scheme(), "sb" | "amqps" | "amqp" | "https") && u.host_str().is_some_and(|h| !h.is_empty()) => {
+        Ok(u)
+            if matches!(u.scheme(), "sb" | "amqps" | "amqp" | "https")
+                && u.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
             u.host_str().map(str::to_owned)
         }
         _ => {
@@ -585,10 +638,20 @@ mod tests {
         s.authentication_type = Some("IdentityBased".into());
         s.endpoint_uri = Some("sb://contoso.servicebus.windows.net/".into());
         s.entity_path = Some("twins".into());
-        s.identity = Some(IdentitySpec { identity_type: "UserAssigned".into(), user_assigned_identity: Some(UAMI.into()) });
+        s.identity = Some(IdentitySpec {
+            identity_type: "UserAssigned".into(),
+            user_assigned_identity: Some(UAMI.into()),
+        });
         s.dead_letter_uri = Some("https://acct.blob.core.windows.net/deadletters".into());
         let e = s.validate("twin-hub").unwrap();
-        assert_eq!(e.target, EndpointTarget::EventHub { namespace: "contoso.servicebus.windows.net".into(), hub: "twins".into(), connection: None });
+        assert_eq!(
+            e.target,
+            EndpointTarget::EventHub {
+                namespace: "contoso.servicebus.windows.net".into(),
+                hub: "twins".into(),
+                connection: None
+            }
+        );
         assert_eq!(e.identity, Some(Identity::UserAssigned { resource_id: UAMI.into() }));
         assert!(matches!(e.dead_letter, Some(DeadLetter::Identity(_))));
     }
@@ -596,7 +659,9 @@ mod tests {
     #[test]
     fn key_based_event_hub_from_connection_string() {
         let mut s = spec("EventHub");
-        s.connection_string = Some(Secret::new("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=k;EntityPath=h"));
+        s.connection_string = Some(Secret::new(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=k;EntityPath=h",
+        ));
         let e = s.validate("hub-a").unwrap();
         assert!(matches!(e.target, EndpointTarget::EventHub { ref hub, .. } if hub == "h"));
         assert_eq!(e.authentication_type, AuthenticationType::KeyBased);
@@ -607,12 +672,20 @@ mod tests {
     fn every_problem_is_reported() {
         let mut s = spec("EventHub");
         s.authentication_type = Some("IdentityBased".into());
-        s.connection_string = Some(Secret::new("Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=SECRETKEY"));
+        s.connection_string =
+            Some(Secret::new("Endpoint=sb://x/;SharedAccessKeyName=a;SharedAccessKey=SECRETKEY"));
         s.dead_letter_secret = Some(Secret::new("https://a/b?sig=SECRETSIG"));
         s.path = Some("/tmp/x".into());
         let problems = s.validate("-bad").unwrap_err();
         let text = problems.join("\n");
-        for needle in ["invalid endpoint name", "connection_string: not used", "dead_letter_secret: not used", "path: not used", "endpoint_uri: required", "entity_path: required"] {
+        for needle in [
+            "invalid endpoint name",
+            "connection_string: not used",
+            "dead_letter_secret: not used",
+            "path: not used",
+            "endpoint_uri: required",
+            "entity_path: required",
+        ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
         assert!(!text.contains("SECRET"), "a secret leaked into an error:\n{text}");
@@ -634,9 +707,13 @@ mod tests {
         s.authentication_type = Some("IdentityBased".into());
         s.endpoint_uri = Some("sb://ns.servicebus.windows.net/".into());
         s.entity_path = Some("t".into());
-        s.identity = Some(IdentitySpec { identity_type: "UserAssigned".into(), user_assigned_identity: Some("twins".into()) });
+        s.identity = Some(IdentitySpec {
+            identity_type: "UserAssigned".into(),
+            user_assigned_identity: Some("twins".into()),
+        });
         assert!(s.validate("sb-a").unwrap_err()[0].contains("ARM id"));
-        s.identity = Some(IdentitySpec { identity_type: "UserAssigned".into(), user_assigned_identity: None });
+        s.identity =
+            Some(IdentitySpec { identity_type: "UserAssigned".into(), user_assigned_identity: None });
         assert!(s.validate("sb-a").unwrap_err()[0].contains("required for type UserAssigned"));
     }
 

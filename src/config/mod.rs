@@ -109,7 +109,11 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_ADMIN_LISTEN.into(), max_routes: DEFAULT_MAX_ROUTES, max_endpoints: DEFAULT_MAX_ENDPOINTS }
+        Self {
+            listen: DEFAULT_ADMIN_LISTEN.into(),
+            max_routes: DEFAULT_MAX_ROUTES,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+        }
     }
 }
 
@@ -149,7 +153,10 @@ pub struct DeliveryConfig {
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        Self { queue_capacity: DEFAULT_QUEUE_CAPACITY, shutdown_timeout_seconds: DEFAULT_SHUTDOWN_TIMEOUT_SECONDS }
+        Self {
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            shutdown_timeout_seconds: DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        }
     }
 }
 
@@ -265,18 +272,24 @@ pub struct Config {
     pub origin: String,
 }
 
-const TOP_LEVEL_KEYS: [&str; 8] = ["state_dir", "ingest", "admin", "log", "delivery", "endpoints", "routes", "sources"];
+const TOP_LEVEL_KEYS: [&str; 8] =
+    ["state_dir", "ingest", "admin", "log", "delivery", "endpoints", "routes", "sources"];
 
 /// Deserializes one section, reporting unknown keys and type errors with their full path.
-fn section<T: DeserializeOwned + Default>(prefix: &str, value: Option<&serde_json::Value>, problems: &mut Vec<String>) -> T {
+fn section<T: DeserializeOwned + Default>(
+    prefix: &str,
+    value: Option<&serde_json::Value>,
+    problems: &mut Vec<String>,
+) -> T {
     let Some(value) = value else { return T::default() };
-    match item::<T>(prefix, value, problems) {
-        Some(v) => v,
-        None => T::default(),
-    }
+    item::<T>(prefix, value, problems).unwrap_or_default()
 }
 
-fn item<T: DeserializeOwned>(prefix: &str, value: &serde_json::Value, problems: &mut Vec<String>) -> Option<T> {
+fn item<T: DeserializeOwned>(
+    prefix: &str,
+    value: &serde_json::Value,
+    problems: &mut Vec<String>,
+) -> Option<T> {
     let mut unknown = Vec::new();
     let mut record = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
     let de = serde_ignored::Deserializer::new(value, &mut record);
@@ -331,7 +344,11 @@ impl Config {
 
     /// Parses TOML text. `env` replaces the process environment for overrides (tests pass a
     /// map; `None` reads the real environment).
-    pub fn from_toml(text: &str, origin: &str, env: Option<HashMap<String, String>>) -> Result<Config, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let fail = |problems: Vec<String>| ConfigError { origin: origin.to_owned(), problems };
         let environment = config::Environment::with_prefix("TWINROUTE")
             .prefix_separator("_")
@@ -374,7 +391,9 @@ impl Config {
             }
         }
         if ingest.max_event_bytes == 0 || ingest.max_request_bytes == 0 || ingest.max_batch_events == 0 {
-            problems.push("ingest: max_event_bytes, max_request_bytes and max_batch_events must be positive".into());
+            problems.push(
+                "ingest: max_event_bytes, max_request_bytes and max_batch_events must be positive".into(),
+            );
         }
         if delivery.queue_capacity == 0 {
             problems.push("delivery.queue_capacity: must be positive".into());
@@ -421,15 +440,33 @@ impl Config {
             }
         }
         if endpoints.len() > admin.max_endpoints {
-            problems.push(format!("endpoints: {} defined, more than admin.max_endpoints = {}", endpoints.len(), admin.max_endpoints));
+            problems.push(format!(
+                "endpoints: {} defined, more than admin.max_endpoints = {}",
+                endpoints.len(),
+                admin.max_endpoints
+            ));
         }
         if route_table.len() > admin.max_routes {
-            problems.push(format!("routes: {} defined, more than admin.max_routes = {}", route_table.len(), admin.max_routes));
+            problems.push(format!(
+                "routes: {} defined, more than admin.max_routes = {}",
+                route_table.len(),
+                admin.max_routes
+            ));
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        Ok(Config { state_dir, ingest, admin, log, delivery, endpoints, routes, sources, origin: origin.to_owned() })
+        Ok(Config {
+            state_dir,
+            ingest,
+            admin,
+            log,
+            delivery,
+            endpoints,
+            routes,
+            sources,
+            origin: origin.to_owned(),
+        })
     }
 }
 

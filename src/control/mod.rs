@@ -7,8 +7,8 @@
 //! the file still takes effect for everything the API has not touched.
 
 use crate::config::{
-    validate_endpoint_name, validate_route_id, Config, ConfigError, EndpointConfig, EndpointSpec, RouteConfig,
-    RouteSpec,
+    validate_endpoint_name, validate_route_id, Config, ConfigError, EndpointConfig, EndpointSpec,
+    RouteConfig, RouteSpec,
 };
 use crate::delivery::Dispatcher;
 use crate::routing::Route;
@@ -165,18 +165,24 @@ impl ControlPlane {
             return Err(ControlError::new(
                 400,
                 "EventRouteEndpointInvalid",
-                format!("the endpoint {:?} does not exist; create it first (PUT /endpoints/{{name}})", spec.endpoint_name),
+                format!(
+                    "the endpoint {:?} does not exist; create it first (PUT /endpoints/{{name}})",
+                    spec.endpoint_name
+                ),
             ));
         }
-        let route = spec.validate(id).map_err(|problems| {
-            ControlError::new(400, "EventRouteFilterInvalid", problems.join("\n"))
-        })?;
+        let route = spec
+            .validate(id)
+            .map_err(|problems| ControlError::new(400, "EventRouteFilterInvalid", problems.join("\n")))?;
         let exists = state.routes.contains_key(id);
         if !exists && state.routes.len() >= self.max_routes {
             return Err(ControlError::new(
                 400,
                 "LimitExceeded",
-                format!("the maximum number of event routes ({}) has been reached (admin.max_routes)", self.max_routes),
+                format!(
+                    "the maximum number of event routes ({}) has been reached (admin.max_routes)",
+                    self.max_routes
+                ),
             ));
         }
         let mut routes = state.routes.clone();
@@ -217,7 +223,10 @@ impl ControlPlane {
             return Err(ControlError::new(
                 400,
                 "EndpointTypeNotSupported",
-                format!("{} endpoints are not supported by this build of twinroute yet (File and Stdout are)", endpoint.endpoint_type),
+                format!(
+                    "{} endpoints are not supported by this build of twinroute yet (File and Stdout are)",
+                    endpoint.endpoint_type
+                ),
             ));
         }
         let mut state = self.state.lock().await;
@@ -238,7 +247,10 @@ impl ControlPlane {
             return Err(ControlError::new(
                 400,
                 "LimitExceeded",
-                format!("the maximum number of endpoints ({}) has been reached (admin.max_endpoints)", self.max_endpoints),
+                format!(
+                    "the maximum number of endpoints ({}) has been reached (admin.max_endpoints)",
+                    self.max_endpoints
+                ),
             ));
         }
         let upsert = if existing.is_some() { Upsert::Replaced } else { Upsert::Created };
@@ -263,7 +275,10 @@ impl ControlPlane {
             return Err(ControlError::new(
                 409,
                 "EndpointInUse",
-                format!("endpoint {name} is used by the event routes {}; delete them first", users.join(", ")),
+                format!(
+                    "endpoint {name} is used by the event routes {}; delete them first",
+                    users.join(", ")
+                ),
             ));
         }
         let mut endpoints = state.endpoints.clone();
@@ -309,7 +324,11 @@ impl ControlPlane {
         state.endpoints = endpoints;
         state.routes = routes;
         metrics::counter!("twinroute_control_plane_changes_total", "result" => "applied").increment(1);
-        tracing::info!(endpoints = state.endpoints.len(), routes = state.routes.len(), "control plane change applied");
+        tracing::info!(
+            endpoints = state.endpoints.len(),
+            routes = state.routes.len(),
+            "control plane change applied"
+        );
         Ok(())
     }
 }
@@ -346,7 +365,9 @@ impl State {
                         }
                         endpoints.insert(name.clone(), e);
                     }
-                    Err(ps) => problems.extend(ps.into_iter().map(|p| format!("endpoints.{name} (stored): {p}"))),
+                    Err(ps) => {
+                        problems.extend(ps.into_iter().map(|p| format!("endpoints.{name} (stored): {p}")))
+                    }
                 },
             }
         }
@@ -381,13 +402,18 @@ impl State {
 fn load_overlay(path: &Path) -> Result<Overlay, String> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Overlay { version: STATE_VERSION, ..Default::default() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Overlay { version: STATE_VERSION, ..Default::default() })
+        }
         Err(e) => return Err(format!("cannot read the stored API changes: {e}")),
     };
     let overlay: Overlay =
         serde_json::from_slice(&bytes).map_err(|e| format!("the stored API changes are unreadable: {e}"))?;
     if overlay.version != STATE_VERSION {
-        return Err(format!("stored with format version {}, this build reads version {STATE_VERSION}", overlay.version));
+        return Err(format!(
+            "stored with format version {}, this build reads version {STATE_VERSION}",
+            overlay.version
+        ));
     }
     Ok(overlay)
 }

@@ -122,6 +122,9 @@ pub struct Accepted {
     pub unmatched: usize,
 }
 
+/// A started worker: its endpoint's name, its counters, its task.
+type Worker = (String, Arc<EndpointStats>, JoinHandle<()>);
+
 /// Routes events to endpoint queues and owns the workers.
 pub struct Dispatcher {
     snapshot: ArcSwap<Snapshot>,
@@ -132,7 +135,7 @@ pub struct Dispatcher {
     factory: Arc<dyn SinkFactory>,
     /// Every worker ever started, so shutdown can wait for all of them, including those of
     /// endpoints replaced by a reconfiguration and still draining.
-    workers: Mutex<Vec<(String, Arc<EndpointStats>, JoinHandle<()>)>>,
+    workers: Mutex<Vec<Worker>>,
 }
 
 impl Dispatcher {
@@ -200,11 +203,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn start_endpoint(
-        &self,
-        config: EndpointConfig,
-        sink: Arc<dyn Sink>,
-    ) -> (Arc<EndpointHandle>, (String, Arc<EndpointStats>, JoinHandle<()>)) {
+    fn start_endpoint(&self, config: EndpointConfig, sink: Arc<dyn Sink>) -> (Arc<EndpointHandle>, Worker) {
         let (sender, receiver) = mpsc::channel(self.queue_capacity);
         let stats = Arc::new(EndpointStats::default());
         let name = config.name.clone();
@@ -216,7 +215,8 @@ impl Dispatcher {
     /// (when a queue is full, or at shutdown). `source` labels the metrics.
     pub fn submit(&self, events: Vec<CloudEvent>, source: &'static str) -> Result<Accepted, Refusal> {
         if !self.open.load(Ordering::Acquire) {
-            metrics::counter!("twinroute_events_rejected_total", "reason" => "shutting_down").increment(events.len() as u64);
+            metrics::counter!("twinroute_events_rejected_total", "reason" => "shutting_down")
+                .increment(events.len() as u64);
             return Err(Refusal::ShuttingDown);
         }
         let snapshot = self.snapshot.load();
@@ -239,7 +239,8 @@ impl Dispatcher {
             match snapshot.targets[i].sender.try_reserve_many(n) {
                 Ok(p) => permits.push(Some(p)),
                 Err(mpsc::error::TrySendError::Full(())) => {
-                    metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure").increment(events.len() as u64);
+                    metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
+                        .increment(events.len() as u64);
                     return Err(Refusal::Full { endpoint: snapshot.targets[i].name().to_owned() });
                 }
                 Err(mpsc::error::TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
@@ -255,7 +256,10 @@ impl Dispatcher {
             }
             let envelope = Arc::new(Envelope::new(event));
             for i in set.iter() {
-                let permit = permits[i].as_mut().and_then(Iterator::next).expect("a permit was reserved per routed event");
+                let permit = permits[i]
+                    .as_mut()
+                    .and_then(Iterator::next)
+                    .expect("a permit was reserved per routed event");
                 permit.send(envelope.clone());
             }
         }
@@ -263,10 +267,12 @@ impl Dispatcher {
             if n > 0 {
                 let target = &snapshot.targets[i];
                 target.stats.queued.fetch_add(n as u64, Ordering::Relaxed);
-                metrics::counter!("twinroute_events_routed_total", "endpoint" => target.name().to_owned()).increment(n as u64);
+                metrics::counter!("twinroute_events_routed_total", "endpoint" => target.name().to_owned())
+                    .increment(n as u64);
             }
         }
-        metrics::counter!("twinroute_events_received_total", "source" => source).increment(accepted.events as u64);
+        metrics::counter!("twinroute_events_received_total", "source" => source)
+            .increment(accepted.events as u64);
         metrics::counter!("twinroute_events_unmatched_total").increment(accepted.unmatched as u64);
         Ok(accepted)
     }
@@ -340,13 +346,16 @@ async fn run_worker(
                     let n = batch.len() as u64;
                     stats.dropped.fetch_add(n, Ordering::Relaxed);
                     metrics::counter!("twinroute_delivery_failures_total", "endpoint" => name.clone(), "reason" => "permanent").increment(n);
-                    metrics::counter!("twinroute_events_dropped_total", "endpoint" => name.clone()).increment(n);
+                    metrics::counter!("twinroute_events_dropped_total", "endpoint" => name.clone())
+                        .increment(n);
                     tracing::error!(endpoint = %name, events = n, %reason, "delivery refused permanently; events dropped");
                     break;
                 }
                 outcome @ (DeliveryOutcome::Transient { .. } | DeliveryOutcome::AuthFailure { .. }) => {
                     let (label, health, reason, hint) = match outcome {
-                        DeliveryOutcome::Transient { reason, after } => ("transient", Health::Degraded, reason, after),
+                        DeliveryOutcome::Transient { reason, after } => {
+                            ("transient", Health::Degraded, reason, after)
+                        }
                         DeliveryOutcome::AuthFailure { reason } => ("auth", Health::Unhealthy, reason, None),
                         _ => unreachable!("matched above"),
                     };

@@ -77,7 +77,8 @@ mod tests {
 
     #[test]
     fn attribute_order_is_stable() {
-        let event = parse_structured(br#"{"type":"t","data":{},"id":"1","source":"s","specversion":"1.0"}"#).unwrap();
+        let event =
+            parse_structured(br#"{"type":"t","data":{},"id":"1","source":"s","specversion":"1.0"}"#).unwrap();
         assert_eq!(
             String::from_utf8(event.to_structured_json()).unwrap(),
             r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{}}"#

@@ -242,9 +242,7 @@ impl CloudEvent {
             .get_or_init(|| match &self.data {
                 // Validated as JSON when the event was built, so this parse cannot fail;
                 // a failure would only make `$body` filters see no body.
-                Some(EventData { bytes, encoding: DataEncoding::Json }) => {
-                    serde_json::from_slice(bytes).ok()
-                }
+                Some(EventData { bytes, encoding: DataEncoding::Json }) => serde_json::from_slice(bytes).ok(),
                 _ => None,
             })
             .as_ref()
@@ -256,11 +254,9 @@ impl CloudEvent {
     pub fn twin_id(&self) -> Option<&str> {
         match self.kind {
             EventKind::TwinCreate | EventKind::TwinUpdate | EventKind::TwinDelete => self.subject(),
-            EventKind::RelationshipCreate
-            | EventKind::RelationshipUpdate
-            | EventKind::RelationshipDelete => self
-                .subject()
-                .map(|s| s.split_once("/relationships/").map_or(s, |(twin, _)| twin)),
+            EventKind::RelationshipCreate | EventKind::RelationshipUpdate | EventKind::RelationshipDelete => {
+                self.subject().map(|s| s.split_once("/relationships/").map_or(s, |(twin, _)| twin))
+            }
             EventKind::Telemetry => self
                 .source
                 .split_once("/digitaltwins/")

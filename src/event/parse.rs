@@ -3,7 +3,9 @@
 //! whole list.
 
 use super::validate;
-use super::{Attribute, CloudEvent, DataEncoding, EventData, EventKind, EventProblem, ExtensionValue, SPEC_VERSION};
+use super::{
+    Attribute, CloudEvent, DataEncoding, EventData, EventKind, EventProblem, ExtensionValue, SPEC_VERSION,
+};
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
@@ -138,6 +140,14 @@ impl EventBuilder {
         }
     }
 
+    /// A context attribute given as another JSON type.
+    fn not_a_string(&mut self, name: &str, raw: &RawValue) {
+        if self.first_time(name) {
+            let message = format!("must be a string, found {}", json_kind(raw));
+            self.problems.push(EventProblem::attr(name, message));
+        }
+    }
+
     /// A member of a structured-mode JSON object.
     fn set_json(&mut self, name: &str, raw: &RawValue) {
         match name {
@@ -163,10 +173,13 @@ impl EventBuilder {
                                     "data and data_base64 are mutually exclusive",
                                 ));
                             } else {
-                                self.data = Some(EventData { bytes: bytes.into(), encoding: DataEncoding::Binary });
+                                self.data =
+                                    Some(EventData { bytes: bytes.into(), encoding: DataEncoding::Binary });
                             }
                         }
-                        Err(e) => self.problems.push(EventProblem::attr("data_base64", format!("not valid base64: {e}"))),
+                        Err(e) => self
+                            .problems
+                            .push(EventProblem::attr("data_base64", format!("not valid base64: {e}"))),
                     },
                     Err(_) => self.problems.push(EventProblem::attr(
                         "data_base64",
@@ -185,14 +198,7 @@ impl EventBuilder {
                         Ok(s) => self.set_string(name, s),
                         Err(e) => self.problems.push(EventProblem::attr(name, format!("unreadable string: {e}"))),
                     },
-                    _ if is_context => {
-                        if self.first_time(name) {
-                            self.problems.push(EventProblem::attr(
-                                name,
-                                format!("must be a string, found {}", json_kind(raw)),
-                            ));
-                        }
-                    }
+                    _ if is_context => self.not_a_string(name, raw),
                     Some(b't' | b'f') if self.first_time(name) => {
                         self.extension(name, ExtensionValue::Boolean(raw.get() == "true"))
                     }
@@ -243,7 +249,8 @@ impl EventBuilder {
                 }
             }
         }
-        let checks: [(&str, &Option<String>, fn(&str) -> Result<(), String>); 3] = [
+        type Check = fn(&str) -> Result<(), String>;
+        let checks: [(&str, &Option<String>, Check); 3] = [
             ("time", &self.time, validate::time),
             ("traceparent", &self.traceparent, validate::traceparent),
             ("datacontenttype", &self.datacontenttype, validate::media_type),
@@ -356,9 +363,10 @@ pub fn from_binary(
         let decoded = percent_encoding::percent_decode(value).decode_utf8();
         match decoded {
             Ok(text) => builder.set_string(name, text.into_owned()),
-            Err(_) => builder
-                .problems
-                .push(EventProblem::attr(name, format!("header {header} is not valid UTF-8 once percent-decoded"))),
+            Err(_) => builder.problems.push(EventProblem::attr(
+                name,
+                format!("header {header} is not valid UTF-8 once percent-decoded"),
+            )),
         }
     }
     if let Some(ct) = content_type {
@@ -445,7 +453,10 @@ mod tests {
 
     #[test]
     fn data_bytes_are_kept_exactly() {
-        let e = parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data": { "a" : 1.50 } }"#).unwrap();
+        let e = parse_structured(
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data": { "a" : 1.50 } }"#,
+        )
+        .unwrap();
         assert_eq!(&e.data().unwrap().bytes[..], br#"{ "a" : 1.50 }"#);
     }
 
@@ -466,7 +477,9 @@ mod tests {
         for expected in ["specversion", "id", "source", "time", "traceparent", "datacontenttype", "subject"] {
             assert!(names.contains(&expected), "{expected} not reported in {p:?}");
         }
-        assert!(p.iter().any(|(a, m)| a.as_deref() == Some("id") && m.contains("must be a string, found a number")));
+        assert!(p
+            .iter()
+            .any(|(a, m)| a.as_deref() == Some("id") && m.contains("must be a string, found a number")));
     }
 
     #[test]
@@ -496,18 +509,31 @@ mod tests {
                 ("flag".into(), ExtensionValue::Boolean(true)),
             ]
         );
-        let p = problems(r#"{"specversion":"1.0","id":"1","source":"s","type":"t","Bad-Name":"x","obj":{},"f":1.5}"#);
+        let p = problems(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","Bad-Name":"x","obj":{},"f":1.5}"#,
+        );
         assert_eq!(p.len(), 3, "{p:?}");
     }
 
     #[test]
     fn text_and_base64_data() {
         let e = parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","datacontenttype":"text/plain","data":"hi \"you\""}"#).unwrap();
-        assert_eq!(e.data().unwrap(), &EventData { bytes: Bytes::from_static(b"hi \"you\""), encoding: DataEncoding::Text });
-        let e = parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":"AAEC"}"#).unwrap();
-        assert_eq!(e.data().unwrap(), &EventData { bytes: Bytes::from_static(&[0, 1, 2]), encoding: DataEncoding::Binary });
+        assert_eq!(
+            e.data().unwrap(),
+            &EventData { bytes: Bytes::from_static(b"hi \"you\""), encoding: DataEncoding::Text }
+        );
+        let e = parse_structured(
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":"AAEC"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            e.data().unwrap(),
+            &EventData { bytes: Bytes::from_static(&[0, 1, 2]), encoding: DataEncoding::Binary }
+        );
         assert!(e.body().is_none());
-        let p = problems(r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data_base64":"AAEC"}"#);
+        let p = problems(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":1,"data_base64":"AAEC"}"#,
+        );
         assert_eq!(p[0].0.as_deref(), Some("data_base64"));
     }
 
@@ -539,7 +565,8 @@ mod tests {
         assert_eq!(e.body().unwrap()["t"], 1);
         let err = from_binary(headers, Some("application/json"), Bytes::from_static(b"{nope")).unwrap_err();
         assert_eq!(err[0].attribute.as_deref(), Some("data"));
-        let e = from_binary(headers, Some("application/octet-stream"), Bytes::from_static(b"\x00\x01")).unwrap();
+        let e =
+            from_binary(headers, Some("application/octet-stream"), Bytes::from_static(b"\x00\x01")).unwrap();
         assert_eq!(e.data().unwrap().encoding, DataEncoding::Binary);
         let err = from_binary(&headers[1..], None, Bytes::new()).unwrap_err();
         assert_eq!(err[0].attribute.as_deref(), Some("specversion"));
@@ -548,13 +575,21 @@ mod tests {
     #[test]
     fn twin_ids_per_type() {
         let ev = |ty: &str, subject: Option<&str>, source: &str| {
-            let mut attrs = vec![(Attribute::Id, "1"), (Attribute::Source, source), (Attribute::Type, ty), (Attribute::SpecVersion, "1.0")];
+            let mut attrs = vec![
+                (Attribute::Id, "1"),
+                (Attribute::Source, source),
+                (Attribute::Type, ty),
+                (Attribute::SpecVersion, "1.0"),
+            ];
             if let Some(s) = subject {
                 attrs.push((Attribute::Subject, s));
             }
             CloudEvent::from_parts(&attrs, None).unwrap()
         };
-        assert_eq!(ev("Microsoft.DigitalTwins.Relationship.Create", Some("t1/relationships/r1"), "h").twin_id(), Some("t1"));
+        assert_eq!(
+            ev("Microsoft.DigitalTwins.Relationship.Create", Some("t1/relationships/r1"), "h").twin_id(),
+            Some("t1")
+        );
         assert_eq!(ev("microsoft.iot.telemetry", Some("comp1"), "h/digitaltwins/t9").twin_id(), Some("t9"));
         assert_eq!(ev("microsoft.iot.telemetry", None, "h").twin_id(), None);
         assert_eq!(ev("custom", Some("x"), "h").twin_id(), None);

@@ -58,10 +58,8 @@ pub(crate) fn traceparent(value: &str) -> Result<(), String> {
 /// `datacontenttype`: an RFC 2046 media type, `type/subtype` with optional parameters.
 pub(crate) fn media_type(value: &str) -> Result<(), String> {
     let essence = value.split(';').next().unwrap_or("").trim();
-    let token = |s: &str| {
-        !s.is_empty()
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
-    };
+    let token =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b));
     match essence.split_once('/') {
         Some((ty, sub)) if token(ty) && token(sub) => Ok(()),
         _ => Err(format!("{value:?} is not a media type (expected type/subtype, e.g. application/json)")),
@@ -91,7 +89,10 @@ pub(crate) fn plain_string(value: &str) -> Result<(), String> {
 
 /// Extension attribute names: lower-case letters and digits, as CloudEvents requires.
 pub(crate) fn extension_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 20 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+    if name.is_empty()
+        || name.len() > 20
+        || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
         return Err(format!(
             "{name:?} is not a valid CloudEvents attribute name (1 to 20 lower-case letters and digits)"
         ));

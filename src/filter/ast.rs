@@ -45,17 +45,9 @@ pub enum Expr {
     /// `NOT (subject = 'x')` is true for an event without a subject, while `subject != 'x'` is false.
     Not(Box<Expr>),
     /// `left op right`.
-    Compare {
-        op: CompareOp,
-        left: Operand,
-        right: Operand,
-    },
+    Compare { op: CompareOp, left: Operand, right: Operand },
     /// `FUNC(left, right)`.
-    Call {
-        func: Function,
-        left: Operand,
-        right: Operand,
-    },
+    Call { func: Function, left: Operand, right: Operand },
 }
 
 /// A comparison operator.
@@ -71,14 +63,8 @@ pub enum CompareOp {
 
 impl CompareOp {
     /// Every operator, for generators and tests.
-    pub const ALL: [CompareOp; 6] = [
-        CompareOp::Eq,
-        CompareOp::Ne,
-        CompareOp::Lt,
-        CompareOp::Le,
-        CompareOp::Gt,
-        CompareOp::Ge,
-    ];
+    pub const ALL: [CompareOp; 6] =
+        [CompareOp::Eq, CompareOp::Ne, CompareOp::Lt, CompareOp::Le, CompareOp::Gt, CompareOp::Ge];
 
     /// The operator as written in a filter.
     pub const fn symbol(self) -> &'static str {
@@ -116,9 +102,7 @@ impl Function {
 
     /// Looks a function up by name, ignoring ASCII case.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|f| f.name().eq_ignore_ascii_case(name))
+        Self::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(name))
     }
 }
 

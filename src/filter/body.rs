@@ -53,10 +53,7 @@ pub(crate) enum Slot<'a> {
 
 impl Default for PathTrie {
     fn default() -> Self {
-        PathTrie {
-            nodes: vec![TrieNode::default()],
-            slots: 0,
-        }
+        PathTrie { nodes: vec![TrieNode::default()], slots: 0 }
     }
 }
 
@@ -136,6 +133,35 @@ impl PathTrie {
             slots.iter_mut().for_each(|s| *s = Slot::Missing);
         }
         ok
+    }
+}
+
+/// The closing quote of a string whose contents start at `start`, and whether it has escapes.
+/// Most strings in twin events are short, where a plain loop beats a vectorized search; long
+/// ones switch to `memchr2` after the first 32 bytes.
+#[inline]
+fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool)> {
+    let mut j = start;
+    let mut escaped = false;
+    let short_end = start.saturating_add(32).min(b.len());
+    while j < short_end {
+        match b[j] {
+            b'"' => return Ok((j, escaped)),
+            b'\\' => {
+                escaped = true;
+                j += 2; // the backslash and the escaped byte (`\u` digits hold no quote)
+            }
+            _ => j += 1,
+        }
+    }
+    loop {
+        let rest = b.get(j..).ok_or(Malformed)?;
+        j += memchr2(b'"', b'\\', rest).ok_or(Malformed)?;
+        if b[j] == b'"' {
+            return Ok((j, escaped));
+        }
+        escaped = true;
+        j += 2;
     }
 }
 
@@ -249,16 +275,10 @@ impl<'a> Scanner<'a> {
         let children = &trie.nodes[node].children;
         if key.escaped {
             let name = self.decode(key)?;
-            return Ok(children
-                .iter()
-                .find(|(n, _)| **n == *name)
-                .map(|&(_, c)| c as usize));
+            return Ok(children.iter().find(|(n, _)| **n == *name).map(|&(_, c)| c as usize));
         }
         let raw = &self.b[key.start..key.end];
-        Ok(children
-            .iter()
-            .find(|(n, _)| n.as_bytes() == raw)
-            .map(|&(_, c)| c as usize))
+        Ok(children.iter().find(|(n, _)| n.as_bytes() == raw).map(|&(_, c)| c as usize))
     }
 
     fn skip_value(&mut self) -> Scan {
@@ -273,67 +293,49 @@ impl<'a> Scanner<'a> {
     /// Skips a whole object or array, counting brackets outside strings.
     fn skip_container(&mut self) -> Scan {
         let mut depth = 0usize;
+        let mut i = self.i;
         loop {
-            match self.peek()? {
+            match *self.b.get(i).ok_or(Malformed)? {
                 b'"' => {
-                    self.string()?;
+                    i = string_end(self.b, i + 1)?.0 + 1;
                     continue;
                 }
                 b'{' | b'[' => depth += 1,
                 b'}' | b']' => {
                     depth = depth.checked_sub(1).ok_or(Malformed)?;
                     if depth == 0 {
-                        self.i += 1;
+                        self.i = i + 1;
                         return Ok(());
                     }
                 }
                 _ => {}
             }
-            self.i += 1;
+            i += 1;
         }
     }
 
     /// A string at the cursor (on its opening quote); leaves the cursor after the closing quote.
     fn string(&mut self) -> Scan<RawStr> {
         let start = self.i + 1;
-        let mut j = start;
-        let mut escaped = false;
-        loop {
-            let rest = self.b.get(j..).ok_or(Malformed)?;
-            j += memchr2(b'"', b'\\', rest).ok_or(Malformed)?;
-            if self.b[j] == b'"' {
-                self.i = j + 1;
-                return Ok(RawStr {
-                    start,
-                    end: j,
-                    escaped,
-                });
-            }
-            escaped = true;
-            j += 2; // the backslash and the escaped byte (`\u` digits hold no quote)
-        }
+        let (end, escaped) = string_end(self.b, start)?;
+        self.i = end + 1;
+        Ok(RawStr { start, end, escaped })
     }
 
     fn decode(&self, raw: &RawStr) -> Scan<Cow<'a, str>> {
         let b: &'a [u8] = self.b;
         if !raw.escaped {
-            return std::str::from_utf8(&b[raw.start..raw.end])
-                .map(Cow::Borrowed)
-                .map_err(|_| Malformed);
+            return std::str::from_utf8(&b[raw.start..raw.end]).map(Cow::Borrowed).map_err(|_| Malformed);
         }
-        serde_json::from_slice::<String>(&b[raw.start - 1..=raw.end])
-            .map(Cow::Owned)
-            .map_err(|_| Malformed)
+        serde_json::from_slice::<String>(&b[raw.start - 1..=raw.end]).map(Cow::Owned).map_err(|_| Malformed)
     }
 
     /// `true`, `false`, `null` or a number.
     fn scalar(&mut self) -> Scan<Slot<'a>> {
         let rest = &self.b[self.i..];
-        for (word, slot) in [
-            (&b"true"[..], Slot::Bool(true)),
-            (b"false", Slot::Bool(false)),
-            (b"null", Slot::Null),
-        ] {
+        for (word, slot) in
+            [(&b"true"[..], Slot::Bool(true)), (b"false", Slot::Bool(false)), (b"null", Slot::Null)]
+        {
             if rest.starts_with(word) {
                 self.i += word.len();
                 return Ok(slot);

@@ -23,13 +23,7 @@ pub struct FilterError {
 
 impl FilterError {
     pub(crate) fn new(text: &str, offset: usize, expected: &str, found: String) -> Self {
-        FilterError {
-            offset,
-            expected: expected.to_owned(),
-            found,
-            hint: None,
-            text: text.to_owned(),
-        }
+        FilterError { offset, expected: expected.to_owned(), found, hint: None, text: text.to_owned() }
     }
 
     pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -47,14 +41,10 @@ impl FilterError {
     fn caret(&self) -> (&str, String) {
         let offset = floor_char_boundary(&self.text, self.offset.min(self.text.len()));
         let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[offset..]
-            .find('\n')
-            .map_or(self.text.len(), |i| offset + i);
+        let line_end = self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i);
         let line = self.text[line_start..line_end].trim_end_matches('\r');
-        let mut caret: String = self.text[line_start..offset]
-            .chars()
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
+        let mut caret: String =
+            self.text[line_start..offset].chars().map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
         caret.push('^');
         (line, caret)
     }

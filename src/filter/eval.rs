@@ -5,13 +5,23 @@
 //! `AND`/`OR`/`NOT`), flattens nested `AND`s and `OR`s, and puts conditions on context attributes
 //! before those reading `$body`, so the body is only scanned when the attributes did not decide.
 //! Evaluation is two-valued and has no side effects, so the order is not observable.
-//! Nothing allocates while evaluating, except decoding a `$body` string that has JSON escapes.
+//!
+//! Filters are compiled against a [`Shared`] context: the `$body` paths to extract (a
+//! [`PathTrie`]) and per-attribute dictionaries of the string literals compared with `=`/`!=`.
+//! A route table compiles all its filters against one context, so each event's body is scanned
+//! once and each attribute is looked up once, however many routes read them; `type = '...'` in
+//! thirty routes is then thirty integer comparisons. Leaves of the common shapes (attribute vs
+//! string literal, function of an attribute and a literal, body field vs literal) have their own
+//! node kinds. Nothing allocates while evaluating, except decoding a `$body` string that has JSON
+//! escapes and extracting more than 16 distinct `$body` paths.
 
 use super::ast::{CompareOp, Expr, Field, Function, Literal, Operand};
 use super::body::{PathTrie, Slot};
 use crate::event::{Attribute, CloudEvent, DataEncoding, SPEC_VERSION};
 use smallvec::SmallVec;
 use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// A value as a comparison sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,29 +148,173 @@ pub(crate) fn call(func: Function, a: Val<'_>, b: Val<'_>) -> bool {
 
 /// The JSON text of an event's body, when it has one.
 pub(crate) fn json_body(event: &CloudEvent) -> Option<&[u8]> {
-    event
-        .data()
-        .filter(|d| d.encoding == DataEncoding::Json)
-        .map(|d| &d.bytes[..])
+    event.data().filter(|d| d.encoding == DataEncoding::Json).map(|d| &d.bytes[..])
 }
 
-/// What an evaluation reads from: the event, and `$body` values extracted on first use.
+/// Per-attribute dictionaries of the string literals that filters compare attributes with using
+/// `=` or `!=`. An event's attribute is looked up once (on first use) and those comparisons become
+/// integer comparisons: a table whose routes test `type` thirty times reads it once.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Dictionaries {
+    by_attribute: [HashMap<Box<str>, u32, BuildHasherDefault<Fnv>>; ATTRIBUTES],
+}
+
+/// How many `Attribute` variants there are (the dictionaries and the per-event cache are indexed
+/// by `attribute as usize`).
+const ATTRIBUTES: usize = Attribute::ALL.len();
+
+/// The per-event cache of dictionary lookups: not looked up yet.
+const UNKNOWN: u32 = u32::MAX;
+/// The event does not carry the attribute.
+const ABSENT: u32 = u32::MAX - 1;
+/// The event carries a value no filter compares with.
+const OTHER: u32 = u32::MAX - 2;
+
+impl Dictionaries {
+    fn intern(&mut self, attribute: Attribute, value: &str) -> u32 {
+        let dict = &mut self.by_attribute[attribute as usize];
+        let next = dict.len() as u32;
+        *dict.entry(value.into()).or_insert(next)
+    }
+
+    fn lookup(&self, attribute: Attribute, value: Option<&str>) -> u32 {
+        match value {
+            None => ABSENT,
+            Some(v) => self.by_attribute[attribute as usize].get(v).copied().unwrap_or(OTHER),
+        }
+    }
+}
+
+/// FNV-1a: dictionary keys are short and trusted (they come from route filters), so a fast
+/// non-keyed hash is fine here.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+/// What compiled conditions refer to: the `$body` paths to extract and the attribute dictionaries.
+/// One per filter when it is evaluated on its own; one per route table, shared by all its routes,
+/// so the body is scanned and each attribute looked up once per event.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Shared {
+    trie: PathTrie,
+    dictionaries: Dictionaries,
+}
+
+impl Shared {
+    pub(crate) fn trie(&self) -> &PathTrie {
+        &self.trie
+    }
+
+    /// Only `$body` paths (for explanations, which do not use dictionaries).
+    pub(crate) fn with_trie(mut trie: PathTrie) -> Shared {
+        trie.finish();
+        Shared { trie, dictionaries: Dictionaries::default() }
+    }
+}
+
+/// Compiles filters against one [`Shared`].
+#[derive(Default)]
+pub(crate) struct Compiler {
+    shared: Shared,
+}
+
+impl Compiler {
+    /// Simplifies and compiles a tree.
+    pub(crate) fn add(&mut self, expr: &Expr) -> Compiled {
+        let root = self.lower(&fold(expr));
+        Compiled { guard: guard(&root), root }
+    }
+
+    pub(crate) fn finish(mut self) -> Shared {
+        self.shared.trie.finish();
+        self.shared
+    }
+
+    fn operand(&mut self, operand: &Operand) -> Opnd {
+        match operand {
+            Operand::Field(Field::Attribute(a)) => Opnd::Attr(*a),
+            Operand::Field(Field::Body(path)) => Opnd::Body(self.shared.trie.insert(path)),
+            Operand::Literal(Literal::String(s)) => Opnd::Str(s.as_str().into()),
+            Operand::Literal(Literal::Integer(i)) => Opnd::Int(*i),
+            Operand::Literal(Literal::Double(d)) => Opnd::Float(*d),
+            Operand::Literal(Literal::Bool(b)) => Opnd::Bool(*b),
+            Operand::Literal(Literal::Null) => Opnd::Null,
+        }
+    }
+
+    fn lower(&mut self, expr: &Expr) -> Node {
+        match expr {
+            Expr::Const(b) => Node::Const(*b),
+            Expr::And(items) => Node::And(items.iter().map(|e| self.lower(e)).collect()),
+            Expr::Or(items) => Node::Or(items.iter().map(|e| self.lower(e)).collect()),
+            Expr::Not(inner) => Node::Not(Box::new(self.lower(inner))),
+            Expr::Compare { op, left, right } => {
+                let (mut op, mut left, mut right) = (*op, self.operand(left), self.operand(right));
+                // Field on the left, literal on the right: `5 < $body.x` is `$body.x > 5`.
+                if left.is_literal() && !right.is_literal() {
+                    std::mem::swap(&mut left, &mut right);
+                    op = mirror(op);
+                }
+                match (left, right) {
+                    (Opnd::Attr(attr), Opnd::Str(s)) if matches!(op, CompareOp::Eq | CompareOp::Ne) => {
+                        Node::AttrEq {
+                            attr,
+                            id: self.shared.dictionaries.intern(attr, &s),
+                            ne: op == CompareOp::Ne,
+                        }
+                    }
+                    (Opnd::Attr(attr), Opnd::Str(lit)) => Node::AttrOrder { attr, op, lit },
+                    (Opnd::Body(slot), right) if right.is_literal() => Node::BodyLit { slot, op, lit: right },
+                    (left, right) => Node::Compare { op, left, right },
+                }
+            }
+            Expr::Call { func, left, right } => match (self.operand(left), self.operand(right)) {
+                (Opnd::Attr(attr), Opnd::Str(needle)) => Node::AttrCall { attr, func: *func, needle },
+                (left, right) => Node::Call { func: *func, left, right },
+            },
+        }
+    }
+}
+
+/// `a op b` is `b mirror(op) a`.
+fn mirror(op: CompareOp) -> CompareOp {
+    match op {
+        CompareOp::Lt => CompareOp::Gt,
+        CompareOp::Le => CompareOp::Ge,
+        CompareOp::Gt => CompareOp::Lt,
+        CompareOp::Ge => CompareOp::Le,
+        other => other,
+    }
+}
+
+/// What an evaluation reads from: the event, `$body` values extracted on first use, and the
+/// dictionary ids of attributes, looked up on first use.
 pub(crate) struct Env<'e> {
     event: &'e CloudEvent,
-    trie: &'e PathTrie,
+    shared: &'e Shared,
     /// Filled on first `$body` read; empty before.
     slots: SmallVec<[Slot<'e>; 16]>,
     extracted: bool,
+    /// Per attribute: [`UNKNOWN`], [`ABSENT`], [`OTHER`] or the id of its value.
+    ids: [u32; ATTRIBUTES],
 }
 
 impl<'e> Env<'e> {
-    pub(crate) fn new(event: &'e CloudEvent, trie: &'e PathTrie) -> Self {
-        Env {
-            event,
-            trie,
-            slots: SmallVec::new(),
-            extracted: false,
-        }
+    pub(crate) fn new(event: &'e CloudEvent, shared: &'e Shared) -> Self {
+        Env { event, shared, slots: SmallVec::new(), extracted: false, ids: [UNKNOWN; ATTRIBUTES] }
     }
 
     pub(crate) fn event(&self) -> &'e CloudEvent {
@@ -171,25 +325,40 @@ impl<'e> Env<'e> {
     #[inline]
     pub(crate) fn extract(&mut self) {
         if !self.extracted {
-            self.extracted = true;
-            self.slots.resize(self.trie.slot_count(), Slot::Missing);
-            if let Some(json) = json_body(self.event) {
-                self.trie.extract(json, &mut self.slots);
-            }
+            self.extract_now();
+        }
+    }
+
+    #[cold]
+    fn extract_now(&mut self) {
+        self.extracted = true;
+        self.slots.resize(self.shared.trie.slot_count(), Slot::Missing);
+        if let Some(json) = json_body(self.event) {
+            self.shared.trie.extract(json, &mut self.slots);
         }
     }
 
     /// The value in a slot; [`Env::extract`] must have run.
     #[inline]
     pub(crate) fn slot(&self, slot: u16) -> Val<'_> {
-        self.slots
-            .get(slot as usize)
-            .map_or(Val::Missing, Val::from_slot)
+        self.slots.get(slot as usize).map_or(Val::Missing, Val::from_slot)
     }
 
     #[inline]
     fn attribute(&self, attribute: Attribute) -> Val<'e> {
         self.event.attribute(attribute).map_or(Val::Missing, Val::Str)
+    }
+
+    /// The dictionary id of an attribute's value.
+    #[inline]
+    fn id(&mut self, attribute: Attribute) -> u32 {
+        let cached = self.ids[attribute as usize];
+        if cached != UNKNOWN {
+            return cached;
+        }
+        let id = self.shared.dictionaries.lookup(attribute, self.event.attribute(attribute));
+        self.ids[attribute as usize] = id;
+        id
     }
 }
 
@@ -197,7 +366,7 @@ impl<'e> Env<'e> {
 #[derive(Debug, Clone)]
 enum Opnd {
     Attr(Attribute),
-    /// A `$body` path, by the filter's own slot number (mapped to the table's by the caller).
+    /// A `$body` path, by slot number in the [`Shared`] trie.
     Body(u16),
     Str(Box<str>),
     Int(i64),
@@ -208,150 +377,206 @@ enum Opnd {
 
 impl Opnd {
     #[inline]
-    fn value<'v>(&'v self, env: &'v Env<'_>, map: &[u16]) -> Val<'v> {
+    fn value<'v>(&'v self, env: &'v Env<'_>) -> Val<'v> {
         match self {
             Opnd::Attr(a) => env.attribute(*a),
-            Opnd::Body(slot) => env.slot(map[*slot as usize]),
+            Opnd::Body(slot) => env.slot(*slot),
+            other => other.literal(),
+        }
+    }
+
+    /// The value of a literal operand (`Missing` for fields).
+    #[inline]
+    fn literal(&self) -> Val<'_> {
+        match self {
             Opnd::Str(s) => Val::Str(s),
             Opnd::Int(i) => Val::Int(*i),
             Opnd::Float(f) => Val::Float(*f),
             Opnd::Bool(b) => Val::Bool(*b),
             Opnd::Null => Val::Null,
+            Opnd::Attr(_) | Opnd::Body(_) => Val::Missing,
         }
     }
 
     fn is_body(&self) -> bool {
         matches!(self, Opnd::Body(_))
     }
+
+    fn is_literal(&self) -> bool {
+        !matches!(self, Opnd::Attr(_) | Opnd::Body(_))
+    }
 }
 
-/// A compiled condition.
+/// A compiled condition. The specialized leaves cover what route filters are made of.
 #[derive(Debug, Clone)]
 enum Node {
     Const(bool),
     And(Box<[Node]>),
     Or(Box<[Node]>),
     Not(Box<Node>),
+    /// `attr = 'lit'` / `attr != 'lit'`, by dictionary id.
+    AttrEq {
+        attr: Attribute,
+        id: u32,
+        ne: bool,
+    },
+    /// `attr < 'lit'` and the other orderings.
+    AttrOrder {
+        attr: Attribute,
+        op: CompareOp,
+        lit: Box<str>,
+    },
+    /// `FUNC(attr, 'lit')`.
+    AttrCall {
+        attr: Attribute,
+        func: Function,
+        needle: Box<str>,
+    },
+    /// `$body.path op literal`.
+    BodyLit {
+        slot: u16,
+        op: CompareOp,
+        lit: Opnd,
+    },
+    /// Anything else: fields on both sides, literal haystacks.
     Compare {
         op: CompareOp,
         left: Opnd,
         right: Opnd,
-        body: bool,
     },
     Call {
         func: Function,
         left: Opnd,
         right: Opnd,
-        body: bool,
     },
 }
 
 impl Node {
-    fn eval(&self, env: &mut Env<'_>, map: &[u16]) -> bool {
+    fn eval(&self, env: &mut Env<'_>) -> bool {
         match self {
             Node::Const(b) => *b,
-            Node::And(items) => items.iter().all(|n| n.eval(env, map)),
-            Node::Or(items) => items.iter().any(|n| n.eval(env, map)),
-            Node::Not(inner) => !inner.eval(env, map),
-            Node::Compare {
-                op,
-                left,
-                right,
-                body,
-            } => {
-                if *body {
-                    env.extract();
-                }
-                compare(*op, left.value(env, map), right.value(env, map))
+            Node::And(items) => items.iter().all(|n| n.eval(env)),
+            Node::Or(items) => items.iter().any(|n| n.eval(env)),
+            Node::Not(inner) => !inner.eval(env),
+            Node::AttrEq { attr, id, ne } => {
+                let value = env.id(*attr);
+                value != ABSENT && ((value == *id) != *ne)
             }
-            Node::Call {
-                func,
-                left,
-                right,
-                body,
-            } => {
-                if *body {
+            Node::AttrOrder { attr, op, lit } => match env.event.attribute(*attr) {
+                Some(value) => holds(*op, value.cmp(lit)),
+                None => false,
+            },
+            Node::AttrCall { attr, func, needle } => match env.event.attribute(*attr) {
+                Some(value) => call(*func, Val::Str(value), Val::Str(needle)),
+                None => false,
+            },
+            Node::BodyLit { slot, op, lit } => {
+                env.extract();
+                compare(*op, env.slot(*slot), lit.literal())
+            }
+            Node::Compare { op, left, right } => {
+                if left.is_body() || right.is_body() {
                     env.extract();
                 }
-                call(*func, left.value(env, map), right.value(env, map))
+                compare(*op, left.value(env), right.value(env))
+            }
+            Node::Call { func, left, right } => {
+                if left.is_body() || right.is_body() {
+                    env.extract();
+                }
+                call(*func, left.value(env), right.value(env))
             }
         }
     }
 }
 
-/// A filter ready to evaluate.
+/// One compiled filter; evaluated with an [`Env`] over the [`Shared`] it was compiled against.
+#[derive(Debug, Clone)]
+pub(crate) struct Compiled {
+    root: Node,
+    /// A condition the filter requires, as a bitmask: the filter can only match when the
+    /// attribute's dictionary id is one of the bits. From `attr = 'a'` or `(attr = 'a' OR attr =
+    /// 'b')` at the top level (alone or as an operand of the top-level `AND`). In a route table this
+    /// rejects, say, every telemetry route for a twin event with one bit test.
+    guard: Option<(Attribute, u64)>,
+}
+
+/// The required `attr = one of` condition of a tree, if it has one with ids below 64.
+fn guard(root: &Node) -> Option<(Attribute, u64)> {
+    fn one(node: &Node) -> Option<(Attribute, u64)> {
+        match node {
+            Node::AttrEq { attr, id, ne: false } if *id < 64 => Some((*attr, 1 << id)),
+            Node::Or(items) => {
+                let (attr, mut mask) = one(items.first()?)?;
+                for item in &items[1..] {
+                    match one(item)? {
+                        (a, m) if a == attr => mask |= m,
+                        _ => return None,
+                    }
+                }
+                Some((attr, mask))
+            }
+            _ => None,
+        }
+    }
+    match root {
+        Node::And(items) => items.iter().find_map(one),
+        other => one(other),
+    }
+}
+
+impl Compiled {
+    /// `Some(b)` when the filter simplified to a constant.
+    pub(crate) fn constant(&self) -> Option<bool> {
+        match self.root {
+            Node::Const(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn eval(&self, env: &mut Env<'_>) -> bool {
+        if let Some((attr, mask)) = self.guard {
+            let id = env.id(attr);
+            if id >= 64 || mask & (1 << id) == 0 {
+                return false;
+            }
+        }
+        self.root.eval(env)
+    }
+}
+
+/// A filter compiled on its own.
 #[derive(Debug, Clone)]
 pub(crate) struct Program {
-    root: Node,
-    /// The `$body` paths the compiled tree reads, by slot number.
-    paths: Box<[Box<[Box<str>]>]>,
-    /// The same paths as a trie, for evaluating the filter on its own.
-    trie: PathTrie,
-    /// `0..paths.len()`: the slot map when the filter is evaluated on its own.
-    identity: Box<[u16]>,
-    constant: Option<bool>,
+    compiled: Compiled,
+    shared: Shared,
 }
 
 impl Program {
     pub(crate) fn compile(expr: &Expr) -> Program {
-        let folded = fold(expr);
-        let mut trie = PathTrie::default();
-        let root = lower(&folded, &mut trie);
-        trie.finish();
-        let mut paths: Vec<Box<[Box<str>]>> = vec![Box::default(); trie.slot_count()];
-        folded.for_each_operand(&mut |o| {
-            if let Operand::Field(Field::Body(path)) = o {
-                let slot = trie.lookup(path).expect("inserted while lowering");
-                paths[slot as usize] = path.iter().map(|s| s.as_str().into()).collect();
-            }
-        });
-        let identity = (0..paths.len() as u16).collect();
-        let constant = match root {
-            Node::Const(b) => Some(b),
-            _ => None,
-        };
-        Program {
-            root,
-            paths: paths.into_boxed_slice(),
-            trie,
-            identity,
-            constant,
-        }
+        let mut compiler = Compiler::default();
+        let compiled = compiler.add(expr);
+        Program { compiled, shared: compiler.finish() }
     }
 
     pub(crate) fn constant(&self) -> Option<bool> {
-        self.constant
+        self.compiled.constant()
     }
 
-    /// The body paths, by this program's slot numbers.
-    pub(crate) fn paths(&self) -> &[Box<[Box<str>]>] {
-        &self.paths
-    }
-
-    /// Evaluates the filter on its own.
     #[inline]
     pub(crate) fn matches(&self, event: &CloudEvent) -> bool {
-        if let Some(b) = self.constant {
+        if let Some(b) = self.compiled.constant() {
             return b;
         }
-        let mut env = Env::new(event, &self.trie);
-        self.root.eval(&mut env, &self.identity)
-    }
-
-    /// Evaluates the filter within a route table: `env` holds the table's extraction and `map`
-    /// turns this program's slot numbers into the table's.
-    #[inline]
-    pub(crate) fn eval_in(&self, env: &mut Env<'_>, map: &[u16]) -> bool {
-        self.root.eval(env, map)
+        let mut env = Env::new(event, &self.shared);
+        self.compiled.eval(&mut env)
     }
 }
 
 /// Whether a field is a context attribute every event carries.
 fn always_present(attribute: Attribute) -> bool {
-    matches!(
-        attribute,
-        Attribute::Id | Attribute::Source | Attribute::Type | Attribute::SpecVersion
-    )
+    matches!(attribute, Attribute::Id | Attribute::Source | Attribute::Type | Attribute::SpecVersion)
 }
 
 /// What an operand is known to be before seeing the event.
@@ -399,11 +624,9 @@ fn cost(expr: &Expr) -> u8 {
 /// The comparison's result when it does not depend on the event.
 fn fold_compare(op: CompareOp, left: &Operand, right: &Operand) -> Option<bool> {
     match (known(left), known(right)) {
-        (Known::Literal(a), Known::Literal(b)) => Some(compare(
-            op,
-            Val::from_literal(a),
-            Val::from_literal(b),
-        )),
+        (Known::Literal(a), Known::Literal(b)) => {
+            Some(compare(op, Val::from_literal(a), Val::from_literal(b)))
+        }
         (Known::Attribute(a), Known::Literal(l)) | (Known::Literal(l), Known::Attribute(a)) => {
             match l {
                 Literal::String(_) => None,
@@ -425,11 +648,9 @@ fn fold_call(func: Function, left: &Operand, right: &Operand) -> Option<bool> {
         return Some(false);
     }
     match (left, right) {
-        (Operand::Literal(a), Operand::Literal(b)) => Some(call(
-            func,
-            Val::from_literal(a),
-            Val::from_literal(b),
-        )),
+        (Operand::Literal(a), Operand::Literal(b)) => {
+            Some(call(func, Val::from_literal(a), Val::from_literal(b)))
+        }
         _ => None,
     }
 }
@@ -473,61 +694,14 @@ fn fold(expr: &Expr) -> Expr {
             let (left, right) = (substitute(left), substitute(right));
             match fold_compare(*op, &left, &right) {
                 Some(b) => Expr::Const(b),
-                None => Expr::Compare {
-                    op: *op,
-                    left,
-                    right,
-                },
+                None => Expr::Compare { op: *op, left, right },
             }
         }
         Expr::Call { func, left, right } => {
             let (left, right) = (substitute(left), substitute(right));
             match fold_call(*func, &left, &right) {
                 Some(b) => Expr::Const(b),
-                None => Expr::Call {
-                    func: *func,
-                    left,
-                    right,
-                },
-            }
-        }
-    }
-}
-
-fn lower_operand(operand: &Operand, trie: &mut PathTrie) -> Opnd {
-    match operand {
-        Operand::Field(Field::Attribute(a)) => Opnd::Attr(*a),
-        Operand::Field(Field::Body(path)) => Opnd::Body(trie.insert(path)),
-        Operand::Literal(Literal::String(s)) => Opnd::Str(s.as_str().into()),
-        Operand::Literal(Literal::Integer(i)) => Opnd::Int(*i),
-        Operand::Literal(Literal::Double(d)) => Opnd::Float(*d),
-        Operand::Literal(Literal::Bool(b)) => Opnd::Bool(*b),
-        Operand::Literal(Literal::Null) => Opnd::Null,
-    }
-}
-
-fn lower(expr: &Expr, trie: &mut PathTrie) -> Node {
-    match expr {
-        Expr::Const(b) => Node::Const(*b),
-        Expr::And(items) => Node::And(items.iter().map(|e| lower(e, trie)).collect()),
-        Expr::Or(items) => Node::Or(items.iter().map(|e| lower(e, trie)).collect()),
-        Expr::Not(inner) => Node::Not(Box::new(lower(inner, trie))),
-        Expr::Compare { op, left, right } => {
-            let (left, right) = (lower_operand(left, trie), lower_operand(right, trie));
-            Node::Compare {
-                op: *op,
-                body: left.is_body() || right.is_body(),
-                left,
-                right,
-            }
-        }
-        Expr::Call { func, left, right } => {
-            let (left, right) = (lower_operand(left, trie), lower_operand(right, trie));
-            Node::Call {
-                func: *func,
-                body: left.is_body() || right.is_body(),
-                left,
-                right,
+                None => Expr::Call { func: *func, left, right },
             }
         }
     }

@@ -7,7 +7,7 @@
 
 use super::ast::{CompareOp, Expr, Field, Function, Operand};
 use super::body::PathTrie;
-use super::eval::{call, compare, json_body, Env, Val};
+use super::eval::{call, compare, json_body, Env, Shared, Val};
 use crate::event::CloudEvent;
 use serde::Serialize;
 use std::fmt;
@@ -43,13 +43,7 @@ impl fmt::Display for Explanation {
                 f.write_str("\n")?;
             }
             let verdict = if clause.result { "true" } else { "false" };
-            write!(
-                f,
-                "{:indent$}`{}` is {verdict}",
-                "",
-                clause.text,
-                indent = clause.depth * 2
-            )?;
+            write!(f, "{:indent$}`{}` is {verdict}", "", clause.text, indent = clause.depth * 2)?;
             if !clause.reason.is_empty() {
                 write!(f, ": {}", clause.reason)?;
             }
@@ -69,19 +63,12 @@ pub(crate) fn explain(expr: &Expr, event: &CloudEvent) -> Explanation {
             }
         }
     });
-    trie.finish();
-    let mut env = Env::new(event, &trie);
+    let shared = Shared::with_trie(trie);
+    let mut env = Env::new(event, &shared);
     env.extract();
-    let mut explainer = Explainer {
-        env: &env,
-        trie: &trie,
-        clauses: Vec::new(),
-    };
+    let mut explainer = Explainer { env: &env, trie: shared.trie(), clauses: Vec::new() };
     let matched = explainer.walk(expr, 0);
-    Explanation {
-        matched,
-        clauses: explainer.clauses,
-    }
+    Explanation { matched, clauses: explainer.clauses }
 }
 
 struct Explainer<'a, 'e> {
@@ -93,12 +80,7 @@ struct Explainer<'a, 'e> {
 impl Explainer<'_, '_> {
     fn walk(&mut self, expr: &Expr, depth: usize) -> bool {
         let index = self.clauses.len();
-        self.clauses.push(Clause {
-            depth,
-            text: expr.to_string(),
-            result: false,
-            reason: String::new(),
-        });
+        self.clauses.push(Clause { depth, text: expr.to_string(), result: false, reason: String::new() });
         let (result, reason) = match expr {
             Expr::Const(b) => (*b, "always".to_owned()),
             Expr::And(items) => {
@@ -245,9 +227,7 @@ fn compare_failure(op: CompareOp, a: Val<'_>, b: Val<'_>) -> Option<&'static str
         (Val::Missing, _) | (_, Val::Missing) => None,
         (Val::Null, _) | (_, Val::Null) if ordering => Some(" (null has no order)"),
         (Val::Null, _) | (_, Val::Null) => None,
-        (Val::Bool(_), Val::Bool(_)) if ordering => {
-            Some(" (booleans only compare with = and !=)")
-        }
+        (Val::Bool(_), Val::Bool(_)) if ordering => Some(" (booleans only compare with = and !=)"),
         (Val::Object | Val::Array, _) | (_, Val::Object | Val::Array) => {
             Some(" (objects and arrays only compare with null)")
         }

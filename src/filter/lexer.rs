@@ -58,11 +58,7 @@ pub(crate) fn is_segment_start(b: u8) -> bool {
 
 impl<'t> Lexer<'t> {
     pub fn new(text: &'t str) -> Self {
-        Lexer {
-            text,
-            pos: 0,
-            peeked: None,
-        }
+        Lexer { text, pos: 0, peeked: None }
     }
 
     pub fn text(&self) -> &'t str {
@@ -115,11 +111,7 @@ impl<'t> Lexer<'t> {
         }
         let start = self.pos;
         let Some(b) = self.at(start) else {
-            return Ok(Token {
-                kind: TokenKind::End,
-                offset: start,
-                len: 0,
-            });
+            return Ok(Token { kind: TokenKind::End, offset: start, len: 0 });
         };
         let next = self.at(start + 1);
         let (kind, len) = match b {
@@ -178,11 +170,7 @@ impl<'t> Lexer<'t> {
             }
         };
         self.pos = start + len;
-        Ok(Token {
-            kind,
-            offset: start,
-            len,
-        })
+        Ok(Token { kind, offset: start, len })
     }
 
     /// `'...'` with `''` standing for one quote. Anything else, newlines included, is literal.
@@ -282,11 +270,7 @@ impl<'t> Lexer<'t> {
             }
         };
         self.pos = end;
-        Ok(Token {
-            kind,
-            offset: start,
-            len: end - start,
-        })
+        Ok(Token { kind, offset: start, len: end - start })
     }
 
     /// `$body(.segment)*`, no spaces inside.
@@ -311,10 +295,6 @@ impl<'t> Lexer<'t> {
             }
         }
         self.pos = end;
-        Ok(Token {
-            kind: TokenKind::BodyPath,
-            offset: start,
-            len: end - start,
-        })
+        Ok(Token { kind: TokenKind::BodyPath, offset: start, len: end - start })
     }
 }

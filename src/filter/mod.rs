@@ -23,8 +23,7 @@ mod tests;
 pub use error::FilterError;
 pub use explain::{Clause, Explanation};
 
-pub(crate) use body::PathTrie;
-pub(crate) use eval::Env;
+pub(crate) use eval::{Compiled, Compiler, Env, Shared};
 
 use crate::event::CloudEvent;
 use std::fmt;
@@ -69,13 +68,7 @@ impl Filter {
 
     fn build(text: Box<str>, expr: ast::Expr) -> Filter {
         let program = eval::Program::compile(&expr);
-        Filter {
-            inner: Arc::new(Inner {
-                text,
-                expr,
-                program,
-            }),
-        }
+        Filter { inner: Arc::new(Inner { text, expr, program }) }
     }
 
     /// Whether the event passes the filter.
@@ -109,10 +102,6 @@ impl Filter {
     /// Evaluates clause by clause and says why the filter did or did not match.
     pub fn explain(&self, event: &CloudEvent) -> Explanation {
         explain::explain(&self.inner.expr, event)
-    }
-
-    pub(crate) fn program(&self) -> &eval::Program {
-        &self.inner.program
     }
 }
 

@@ -33,10 +33,7 @@ pub(crate) fn parse(text: &str) -> Result<Expr, FilterError> {
             format!("{} bytes", text.len()),
         ));
     }
-    let mut parser = Parser {
-        lexer: Lexer::new(text),
-        depth: 0,
-    };
+    let mut parser = Parser { lexer: Lexer::new(text), depth: 0 };
     if parser.lexer.peek()?.kind == TokenKind::End {
         let offset = parser.lexer.peek()?.offset;
         return Err(parser
@@ -64,9 +61,7 @@ struct Parser<'t> {
 
 /// The keyword a word token spells, if any (keywords are case-insensitive).
 fn keyword(word: &str) -> Option<&'static str> {
-    ["AND", "OR", "NOT", "TRUE", "FALSE", "NULL"]
-        .into_iter()
-        .find(|k| k.eq_ignore_ascii_case(word))
+    ["AND", "OR", "NOT", "TRUE", "FALSE", "NULL"].into_iter().find(|k| k.eq_ignore_ascii_case(word))
 }
 
 fn compare_op(kind: &TokenKind) -> Option<CompareOp> {
@@ -174,10 +169,7 @@ impl<'t> Parser<'t> {
                 let close = self.lexer.next()?;
                 if close.kind != TokenKind::RParen {
                     let err = self.unexpected(&close, "`AND`, `OR` or `)`");
-                    return Err(err.with_hint(format!(
-                        "the `(` at offset {} is not closed",
-                        token.offset
-                    )));
+                    return Err(err.with_hint(format!("the `(` at offset {} is not closed", token.offset)));
                 }
                 self.depth -= 1;
                 Ok(inner)
@@ -220,14 +212,11 @@ impl<'t> Parser<'t> {
     fn comparison_rest(&mut self, left: Operand) -> Result<Expr, FilterError> {
         let token = self.lexer.next()?;
         let Some(op) = compare_op(&token.kind) else {
-            let err = self.unexpected(
-                &token,
-                "a comparison operator (=, !=, <, <=, >, >=)",
-            );
+            let err = self.unexpected(&token, "a comparison operator (=, !=, <, <=, >, >=)");
             return Err(match left {
-                Operand::Field(_) => err.with_hint(
-                    "a field alone is not a condition; compare it, e.g. `$body.flag = true`",
-                ),
+                Operand::Field(_) => {
+                    err.with_hint("a field alone is not a condition; compare it, e.g. `$body.flag = true`")
+                }
                 Operand::Literal(_) => err,
             });
         };
@@ -307,11 +296,7 @@ impl<'t> Parser<'t> {
 
     fn unknown_field(&self, token: &Token) -> FilterError {
         let word = self.lexer.slice(token);
-        let err = self.error_at(
-            token.offset,
-            &format!("a field ({})", field_list()),
-            format!("`{word}`"),
-        );
+        let err = self.error_at(token.offset, &format!("a field ({})", field_list()), format!("`{word}`"));
         let lower = word.to_ascii_lowercase();
         if let Some(a) = FILTERABLE_ATTRIBUTES.iter().find(|a| a.name() == lower) {
             return err.with_hint(format!(
@@ -320,10 +305,8 @@ impl<'t> Parser<'t> {
             ));
         }
         if lower == "$body" || lower.starts_with("$body.") {
-            return err.with_hint(format!(
-                "did you mean `$body{}`? Field names are case-sensitive",
-                &word[5..]
-            ));
+            return err
+                .with_hint(format!("did you mean `$body{}`? Field names are case-sensitive", &word[5..]));
         }
         if let Some(a) = Attribute::from_name(&lower) {
             return err.with_hint(format!("`{}` cannot be filtered on", a.name()));

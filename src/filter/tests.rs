@@ -39,12 +39,7 @@ fn filter(text: &str) -> Filter {
 fn m(text: &str, event: &CloudEvent) -> bool {
     let f = filter(text);
     let result = f.matches(event);
-    assert_eq!(
-        f.explain(event).matched,
-        result,
-        "explain disagrees on {text}:\n{}",
-        f.explain(event)
-    );
+    assert_eq!(f.explain(event).matched, result, "explain disagrees on {text}:\n{}", f.explain(event));
     let again = filter(&f.to_string());
     assert_eq!(again.expr(), f.expr(), "round trip of {text} via {f}");
     assert_eq!(again.matches(event), result);
@@ -184,9 +179,8 @@ fn whole_filter_literals() {
 
 #[test]
 fn every_filterable_attribute() {
-    let e = event(
-        r#""type":"T","subject":"S","dataschema":"D","datacontenttype":"application/json","data":{}"#,
-    );
+    let e =
+        event(r#""type":"T","subject":"S","dataschema":"D","datacontenttype":"application/json","data":{}"#);
     for (field, value) in [
         ("type", "T"),
         ("source", "adt.example"),
@@ -207,11 +201,10 @@ fn attributes_are_case_sensitive_and_unknown_names_are_errors() {
     let e = err("Type = 'x'");
     assert_eq!(e.offset, 0);
     assert_eq!(e.found, "`Type`");
-    assert!(e.expected.contains("type, source, subject, dataschema, datacontenttype, specversion, id or $body.<path>"));
-    assert_eq!(
-        e.hint.as_deref(),
-        Some("did you mean `type`? Field names are lower case and case-sensitive")
-    );
+    assert!(e
+        .expected
+        .contains("type, source, subject, dataschema, datacontenttype, specversion, id or $body.<path>"));
+    assert_eq!(e.hint.as_deref(), Some("did you mean `type`? Field names are lower case and case-sensitive"));
     let e = err("subject = 'a' AND foo = 1");
     assert_eq!(e.offset, 18);
     assert_eq!(e.found, "`foo`");
@@ -269,7 +262,12 @@ fn body_null_json_and_keys_with_escapes() {
     yes("$body.e = 'it''s \"q\"\n'", &e);
     // The whole body can be null (binary mode; in structured mode `"data": null` is no data).
     let e = CloudEvent::from_parts(
-        &[(Attribute::Id, "1"), (Attribute::Source, "s"), (Attribute::Type, "t"), (Attribute::SpecVersion, "1.0")],
+        &[
+            (Attribute::Id, "1"),
+            (Attribute::Source, "s"),
+            (Attribute::Type, "t"),
+            (Attribute::SpecVersion, "1.0"),
+        ],
         Some(EventData { bytes: Bytes::from_static(b"null"), encoding: DataEncoding::Json }),
     )
     .unwrap();
@@ -361,9 +359,7 @@ fn comparison_operators() {
 
 #[test]
 fn fields_on_both_sides() {
-    let e = event(
-        r#""type":"t","subject":"t1","data":{"a": 1, "b": 1.0, "c": 2, "id": "t1", "o": {}}"#,
-    );
+    let e = event(r#""type":"t","subject":"t1","data":{"a": 1, "b": 1.0, "c": 2, "id": "t1", "o": {}}"#);
     yes("$body.a = $body.b", &e);
     yes("$body.a < $body.c", &e);
     yes("subject = $body.id", &e);
@@ -458,7 +454,12 @@ fn missing_fields_are_false_for_every_operator() {
     let no_subject = telemetry(r#"{"a": 1}"#, "");
     let text_body = event(r#""type":"t","datacontenttype":"text/plain","data":"plain""#);
     let binary = CloudEvent::from_parts(
-        &[(Attribute::Id, "1"), (Attribute::Source, "s"), (Attribute::Type, "t"), (Attribute::SpecVersion, "1.0")],
+        &[
+            (Attribute::Id, "1"),
+            (Attribute::Source, "s"),
+            (Attribute::Type, "t"),
+            (Attribute::SpecVersion, "1.0"),
+        ],
         Some(EventData { bytes: Bytes::from_static(b"\x00\x01"), encoding: DataEncoding::Binary }),
     )
     .unwrap();
@@ -618,8 +619,14 @@ fn canonical_text() {
         ("$body.x = TRUE", "$body.x = true"),
         ("starts_with(subject,'a')", "STARTS_WITH(subject, 'a')"),
         ("subject = 'a' or subject = 'b' and type = 'c'", "subject = 'a' OR subject = 'b' AND type = 'c'"),
-        ("(subject = 'a' or subject = 'b') and type = 'c'", "(subject = 'a' OR subject = 'b') AND type = 'c'"),
-        ("(subject = 'a' and subject = 'b') and type = 'c'", "(subject = 'a' AND subject = 'b') AND type = 'c'"),
+        (
+            "(subject = 'a' or subject = 'b') and type = 'c'",
+            "(subject = 'a' OR subject = 'b') AND type = 'c'",
+        ),
+        (
+            "(subject = 'a' and subject = 'b') and type = 'c'",
+            "(subject = 'a' AND subject = 'b') AND type = 'c'",
+        ),
         ("((subject = 'a'))", "subject = 'a'"),
         ("not subject = 'a'", "NOT (subject = 'a')"),
         ("not not true", "NOT NOT true"),
@@ -641,7 +648,11 @@ fn hand_built_trees_print_and_reparse() {
         Expr::Or(vec![s("a"), Expr::Not(Box::new(Expr::Or(vec![s("b"), s("c")])))]),
         Expr::And(vec![s("d"), Expr::Const(false)]),
         Expr::Call { func: Function::EndsWith, left: string("x'y"), right: path(&["$a", "b_2"]) },
-        cmp(Operand::Literal(Literal::Double(-1.5e-7)), CompareOp::Ge, Operand::Literal(Literal::Integer(i64::MIN))),
+        cmp(
+            Operand::Literal(Literal::Double(-1.5e-7)),
+            CompareOp::Ge,
+            Operand::Literal(Literal::Integer(i64::MIN)),
+        ),
     ]);
     let f = Filter::from_expr(tree.clone());
     assert_eq!(
@@ -688,7 +699,10 @@ fn error_missing_operand() {
     let e = err("type = ");
     assert_eq!((e.offset, e.found.as_str()), (7, "end of filter"));
     assert_eq!(e.expected, "a value (a field or a literal)");
-    assert_eq!(e.to_string(), "expected a value (a field or a literal), found end of filter at offset 7\ntype = \n       ^");
+    assert_eq!(
+        e.to_string(),
+        "expected a value (a field or a literal), found end of filter at offset 7\ntype = \n       ^"
+    );
     let e = err("type = AND subject = 'x'");
     assert_eq!((e.offset, e.found.as_str()), (7, "`AND`"));
     let e = err("= 'x'");
@@ -710,7 +724,10 @@ fn error_missing_operand() {
 #[test]
 fn error_unbalanced_parentheses() {
     let e = err("(type = 'a'");
-    assert_eq!((e.offset, e.found.as_str(), e.expected.as_str()), (11, "end of filter", "`AND`, `OR` or `)`"));
+    assert_eq!(
+        (e.offset, e.found.as_str(), e.expected.as_str()),
+        (11, "end of filter", "`AND`, `OR` or `)`")
+    );
     assert_eq!(e.hint.as_deref(), Some("the `(` at offset 0 is not closed"));
     assert_eq!(
         e.to_string(),
@@ -728,7 +745,10 @@ fn error_unbalanced_parentheses() {
 #[test]
 fn error_trailing_garbage() {
     let e = err("type = 'a' xyz");
-    assert_eq!((e.offset, e.found.as_str(), e.expected.as_str()), (11, "`xyz`", "`AND`, `OR` or end of filter"));
+    assert_eq!(
+        (e.offset, e.found.as_str(), e.expected.as_str()),
+        (11, "`xyz`", "`AND`, `OR` or end of filter")
+    );
     assert_eq!(
         e.to_string(),
         "expected `AND`, `OR` or end of filter, found `xyz` at offset 11\ntype = 'a' xyz\n           ^"
@@ -837,7 +857,9 @@ fn explanations() {
     assert_eq!(x.to_string(), "`$body.temperature > 30` is false: $body.temperature is 21.5");
     let x = filter("dataschema = 'x'").explain(&e);
     assert_eq!(x.to_string(), "`dataschema = 'x'` is false: the event has no dataschema");
-    let x = filter("type = 'Microsoft.DigitalTwins.Twin.Create' AND ($body.temperature > 30 OR subject = 't1')").explain(&e);
+    let x =
+        filter("type = 'Microsoft.DigitalTwins.Twin.Create' AND ($body.temperature > 30 OR subject = 't1')")
+            .explain(&e);
     assert!(x.matched);
     assert_eq!(
         x.to_string(),
@@ -857,7 +879,10 @@ fn explanations() {
     assert_eq!(reason("$body.o = 1"), "$body.o is an object (objects and arrays only compare with null)");
     assert_eq!(reason("'a' = 'b'"), "both sides are literals");
     assert_eq!(reason("true"), "always");
-    assert_eq!(reason("CONTAINS($body.temperature, '2')"), "$body.temperature is 21.5 (CONTAINS needs two strings)");
+    assert_eq!(
+        reason("CONTAINS($body.temperature, '2')"),
+        "$body.temperature is 21.5 (CONTAINS needs two strings)"
+    );
     assert_eq!(reason("subject = $body.s"), "subject is 't1', $body.s is '21'");
     let x = filter("$body.x = 1").explain(&event(r#""type":"t""#));
     assert_eq!(x.clauses[0].reason, "the event has no JSON body");

@@ -47,7 +47,12 @@ struct AcceptedBody {
     unmatched: usize,
 }
 
-fn error<D: Serialize>(status: StatusCode, code: &'static str, message: String, details: Option<D>) -> Response {
+fn error<D: Serialize>(
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<D>,
+) -> Response {
     let mut response =
         (status, Json(ErrorBody { error: ErrorDetail { code, message, details } })).into_response();
     if let Ok(v) = HeaderValue::from_str(code) {
@@ -76,12 +81,13 @@ fn essence(value: &str) -> String {
 async fn post_events(State(state): State<IngestState>, headers: HeaderMap, body: Body) -> Response {
     let limits = &state.limits;
     if !state.dispatcher.is_open() {
-        return unavailable(limits.retry_after_seconds, "twinroute is shutting down; send to another instance or retry".into());
+        return unavailable(
+            limits.retry_after_seconds,
+            "twinroute is shutting down; send to another instance or retry".into(),
+        );
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_request_bytes as u64) {
         return too_large_request(limits);
     }

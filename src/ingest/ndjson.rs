@@ -47,11 +47,17 @@ pub async fn run<R: AsyncBufRead + Unpin>(
         if !line.ends_with(b"\n") && line.len() > max_event_bytes {
             // Skip the rest of an over-long line without holding it in memory.
             let mut rest = Vec::new();
-            while read_line_limited(&mut input, &mut rest, max_event_bytes + 2).await? > 0 && !rest.ends_with(b"\n") {
+            while read_line_limited(&mut input, &mut rest, max_event_bytes + 2).await? > 0
+                && !rest.ends_with(b"\n")
+            {
                 rest.clear();
             }
             report.invalid += 1;
-            tracing::warn!(input = name, line = number, "event refused: longer than {max_event_bytes} bytes (ingest.max_event_bytes)");
+            tracing::warn!(
+                input = name,
+                line = number,
+                "event refused: longer than {max_event_bytes} bytes (ingest.max_event_bytes)"
+            );
             continue;
         }
         let text = line.trim_ascii();
@@ -97,7 +103,11 @@ async fn submit(dispatcher: &Dispatcher, pending: &mut Vec<CloudEvent>, report: 
 
 /// Like `read_until(b'\n')` but stops after `limit` bytes, so one enormous line cannot exhaust
 /// memory. Returns the bytes read (0 at end of input).
-async fn read_line_limited<R: AsyncBufRead + Unpin>(input: &mut R, out: &mut Vec<u8>, limit: usize) -> std::io::Result<usize> {
+async fn read_line_limited<R: AsyncBufRead + Unpin>(
+    input: &mut R,
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<usize> {
     let mut total = 0;
     loop {
         let available = input.fill_buf().await?;

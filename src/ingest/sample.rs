@@ -23,7 +23,8 @@ pub struct SampleGenerator {
 
 fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
 fn trace_id(rng: &mut fastrand::Rng) -> String {
@@ -33,7 +34,13 @@ fn trace_id(rng: &mut fastrand::Rng) -> String {
 impl SampleGenerator {
     pub fn new(twins: usize, seed: u64) -> Self {
         let twins = twins.max(1);
-        Self { rng: fastrand::Rng::with_seed(seed), twins, alive: vec![false; twins], temperature: vec![21.0; twins], started: false }
+        Self {
+            rng: fastrand::Rng::with_seed(seed),
+            twins,
+            alive: vec![false; twins],
+            temperature: vec![21.0; twins],
+            started: false,
+        }
     }
 
     fn notification(&mut self, ty: &str, subject: &str, data: serde_json::Value) -> CloudEvent {
@@ -109,7 +116,11 @@ impl SampleGenerator {
                     "$relationshipId": rel, "$etag": "W/\"1\"", "$sourceId": "floor-1",
                     "$relationshipName": "contains", "$targetId": id,
                 });
-                self.notification("Microsoft.DigitalTwins.Relationship.Create", &format!("floor-1/relationships/{rel}"), data)
+                self.notification(
+                    "Microsoft.DigitalTwins.Relationship.Create",
+                    &format!("floor-1/relationships/{rel}"),
+                    data,
+                )
             }
             _ => {
                 self.alive[i] = false;
@@ -148,7 +159,13 @@ mod tests {
     fn streams_are_valid_and_varied() {
         let mut g = SampleGenerator::new(3, 7);
         let kinds: std::collections::HashSet<_> = (0..500).map(|_| g.next_event().kind()).collect();
-        for k in [EventKind::TwinCreate, EventKind::TwinUpdate, EventKind::TwinDelete, EventKind::RelationshipCreate, EventKind::Telemetry] {
+        for k in [
+            EventKind::TwinCreate,
+            EventKind::TwinUpdate,
+            EventKind::TwinDelete,
+            EventKind::RelationshipCreate,
+            EventKind::Telemetry,
+        ] {
             assert!(kinds.contains(&k), "{k:?} never generated");
         }
     }

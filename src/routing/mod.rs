@@ -11,7 +11,7 @@
 //! built, and the body is scanned at most once per event, the first time a route needs it.
 
 use crate::event::CloudEvent;
-use crate::filter::{Env, Explanation, Filter, PathTrie};
+use crate::filter::{Compiled, Compiler, Env, Explanation, Filter, Shared};
 use smallvec::SmallVec;
 use std::fmt;
 
@@ -29,18 +29,17 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// Distinct endpoint names in first-seen order; [`EndpointSet`] holds indexes into it.
     endpoints: Vec<String>,
-    /// Per route, in `routes` order: what evaluation needs beyond the filter.
+    /// Per route, in `routes` order: the filter compiled against `shared`.
     compiled: Vec<CompiledRoute>,
-    /// Every `$body` path of every filter, extracted together.
-    trie: PathTrie,
+    /// Every `$body` path of every filter, extracted together, and the attribute dictionaries.
+    shared: Shared,
 }
 
 #[derive(Debug, Clone)]
 struct CompiledRoute {
     /// Index into `endpoints`.
     endpoint: usize,
-    /// The filter's own `$body` slot numbers mapped to the table trie's.
-    slots: Box<[u16]>,
+    filter: Compiled,
     /// The filter is constant `false`: never evaluated.
     disabled: bool,
 }
@@ -49,7 +48,7 @@ impl RouteTable {
     /// Builds a table; endpoints are numbered in the order routes first name them.
     pub fn new(routes: Vec<Route>) -> RouteTable {
         let mut endpoints: Vec<String> = Vec::new();
-        let mut trie = PathTrie::default();
+        let mut compiler = Compiler::default();
         let compiled = routes
             .iter()
             .map(|route| {
@@ -60,27 +59,11 @@ impl RouteTable {
                         endpoints.len() - 1
                     }
                 };
-                let slots = route
-                    .filter
-                    .program()
-                    .paths()
-                    .iter()
-                    .map(|path| trie.insert(path))
-                    .collect();
-                CompiledRoute {
-                    endpoint,
-                    slots,
-                    disabled: route.filter.constant() == Some(false),
-                }
+                let filter = compiler.add(route.filter.expr());
+                CompiledRoute { endpoint, disabled: filter.constant() == Some(false), filter }
             })
             .collect();
-        trie.finish();
-        RouteTable {
-            routes,
-            endpoints,
-            compiled,
-            trie,
-        }
+        RouteTable { routes, endpoints, compiled, shared: compiler.finish() }
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -95,13 +78,13 @@ impl RouteTable {
     /// The endpoints the event goes to.
     pub fn route(&self, event: &CloudEvent) -> EndpointSet {
         let mut set = EndpointSet::new();
-        let mut env = Env::new(event, &self.trie);
-        for (route, compiled) in self.routes.iter().zip(&self.compiled) {
-            if compiled.disabled || set.contains(compiled.endpoint) {
+        let mut env = Env::new(event, &self.shared);
+        for route in &self.compiled {
+            if route.disabled || set.contains(route.endpoint) {
                 continue;
             }
-            if route.filter.program().eval_in(&mut env, &compiled.slots) {
-                set.insert(compiled.endpoint);
+            if route.filter.eval(&mut env) {
+                set.insert(route.endpoint);
             }
         }
         set
@@ -110,10 +93,7 @@ impl RouteTable {
     /// Every route's explanation for the event, in table order (nothing skipped):
     /// `(route id, endpoint, explanation)`.
     pub fn explain(&self, event: &CloudEvent) -> Vec<(String, String, Explanation)> {
-        self.routes
-            .iter()
-            .map(|r| (r.id.clone(), r.endpoint.clone(), r.filter.explain(event)))
-            .collect()
+        self.routes.iter().map(|r| (r.id.clone(), r.endpoint.clone(), r.filter.explain(event))).collect()
     }
 }
 
@@ -138,9 +118,7 @@ impl EndpointSet {
     }
 
     pub fn contains(&self, index: usize) -> bool {
-        self.words
-            .get(index / 64)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        self.words.get(index / 64).is_some_and(|w| w & (1 << (index % 64)) != 0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -153,11 +131,7 @@ impl EndpointSet {
 
     /// Endpoint indexes in ascending order.
     pub fn iter(&self) -> EndpointIter<'_> {
-        EndpointIter {
-            words: &self.words,
-            word: 0,
-            bits: self.words.first().copied().unwrap_or(0),
-        }
+        EndpointIter { words: &self.words, word: 0, bits: self.words.first().copied().unwrap_or(0) }
     }
 }
 
@@ -213,11 +187,7 @@ mod tests {
     use crate::event::{parse_structured, CloudEvent};
 
     fn route(id: &str, endpoint: &str, filter: &str) -> Route {
-        Route {
-            id: id.into(),
-            endpoint: endpoint.into(),
-            filter: Filter::parse(filter).unwrap(),
-        }
+        Route { id: id.into(), endpoint: endpoint.into(), filter: Filter::parse(filter).unwrap() }
     }
 
     fn event(ty: &str, subject: &str, data: &str) -> CloudEvent {
@@ -303,19 +273,14 @@ mod tests {
 
     #[test]
     fn explain_covers_every_route() {
-        let table = RouteTable::new(vec![
-            route("a", "hub", "type = 'x'"),
-            route("b", "hub", "subject = 'nope'"),
-        ]);
+        let table =
+            RouteTable::new(vec![route("a", "hub", "type = 'x'"), route("b", "hub", "subject = 'nope'")]);
         let explained = table.explain(&event("x", "s", "{}"));
         assert_eq!(explained.len(), 2);
         assert_eq!((explained[0].0.as_str(), explained[0].1.as_str()), ("a", "hub"));
         assert!(explained[0].2.matched);
         assert!(!explained[1].2.matched);
-        assert_eq!(
-            explained[1].2.to_string(),
-            "`subject = 'nope'` is false: subject is 's'"
-        );
+        assert_eq!(explained[1].2.to_string(), "`subject = 'nope'` is false: subject is 's'");
     }
 
     #[test]

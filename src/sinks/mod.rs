@@ -42,7 +42,9 @@ pub trait Sink: Send + Sync + 'static {
 /// Why a sink could not be built for an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkBuildError {
-    #[error("endpoint {endpoint}: {endpoint_type} endpoints are not supported by this build of twinroute yet")]
+    #[error(
+        "endpoint {endpoint}: {endpoint_type} endpoints are not supported by this build of twinroute yet"
+    )]
     Unsupported { endpoint: String, endpoint_type: String },
     #[error("endpoint {endpoint}: {source}")]
     Io { endpoint: String, source: std::io::Error },

@@ -14,16 +14,25 @@ async fn route_lifecycle_with_adt_codes_and_shapes() {
     let filter = "type = 'Microsoft.DigitalTwins.Twin.Create'";
     assert_eq!(app.put_route("route-1", "hub-a", filter).await.status(), 204);
 
-    let got = app.client.get(format!("{}/eventroutes/route-1?api-version=2023-10-31", app.admin)).send().await.unwrap();
+    let got = app
+        .client
+        .get(format!("{}/eventroutes/route-1?api-version=2023-10-31", app.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(json_of(got).await, json!({"id": "route-1", "endpointName": "hub-a", "filter": filter}));
 
     let list = json_of(app.client.get(format!("{}/eventroutes", app.admin)).send().await.unwrap()).await;
-    assert_eq!(list, json!({"value": [{"id": "route-1", "endpointName": "hub-a", "filter": filter}], "nextLink": null}));
+    assert_eq!(
+        list,
+        json!({"value": [{"id": "route-1", "endpointName": "hub-a", "filter": filter}], "nextLink": null})
+    );
 
     // Replacing is a PUT too.
     assert_eq!(app.put_route("route-1", "hub-b", "true").await.status(), 204);
-    let got = json_of(app.client.get(format!("{}/eventroutes/route-1", app.admin)).send().await.unwrap()).await;
+    let got =
+        json_of(app.client.get(format!("{}/eventroutes/route-1", app.admin)).send().await.unwrap()).await;
     assert_eq!(got["endpointName"], "hub-b");
 
     let deleted = app.client.delete(format!("{}/eventroutes/route-1", app.admin)).send().await.unwrap();
@@ -73,7 +82,8 @@ async fn route_refusals_carry_adt_error_codes() {
     assert_eq!(json_of(no_filter).await["error"]["code"], "EventRouteFilterInvalid");
     let garbage = app.client.put(format!("{}/eventroutes/r1", app.admin)).body("nope").send().await.unwrap();
     assert_eq!(garbage.status(), 400);
-    let version = app.client.get(format!("{}/eventroutes?api-version=1999-01-01", app.admin)).send().await.unwrap();
+    let version =
+        app.client.get(format!("{}/eventroutes?api-version=1999-01-01", app.admin)).send().await.unwrap();
     assert_eq!(version.status(), 400);
     assert_eq!(json_of(version).await["error"]["code"], "InvalidApiVersion");
     app.stop().await;
@@ -107,8 +117,10 @@ async fn paging_follows_next_link() {
     let mut url = format!("{}/eventroutes?api-version=2023-10-31", app.admin);
     let mut seen = Vec::new();
     loop {
-        let page = json_of(app.client.get(&url).header("max-items-per-page", "2").send().await.unwrap()).await;
-        let ids: Vec<String> = page["value"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+        let page =
+            json_of(app.client.get(&url).header("max-items-per-page", "2").send().await.unwrap()).await;
+        let ids: Vec<String> =
+            page["value"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
         assert!(ids.len() <= 2);
         seen.extend(ids);
         match page["nextLink"].as_str() {
@@ -140,7 +152,8 @@ async fn endpoint_resources_in_the_arm_shape_never_return_secrets() {
     let got = app.client.get(&url).send().await.unwrap();
     assert_eq!(got.status(), 200);
     let got_text = got.text().await.unwrap();
-    let list_text = app.client.get(format!("{}/endpoints", app.admin)).send().await.unwrap().text().await.unwrap();
+    let list_text =
+        app.client.get(format!("{}/endpoints", app.admin)).send().await.unwrap().text().await.unwrap();
     for text in [&created_text, &got_text, &list_text] {
         for secret in ["PRIMARYSECRET", "SECONDARYSECRET", "DEADLETTERSECRET"] {
             assert!(!text.contains(secret), "{secret} returned in {text}");
@@ -211,7 +224,11 @@ async fn endpoint_refusals() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     let message = json_of(bad).await["error"]["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("support only KeyBased") && message.contains("TopicEndpoint") || message.contains("topic_endpoint"), "{message}");
+    assert!(
+        message.contains("support only KeyBased") && message.contains("TopicEndpoint")
+            || message.contains("topic_endpoint"),
+        "{message}"
+    );
     let typo = app
         .client
         .put(format!("{}/endpoints/out-1", app.admin))
@@ -254,7 +271,8 @@ async fn api_changes_survive_a_restart() {
     let app = spawn_in(dir, "[routes.from-file]\nendpoint_name = \"hub-a\"\n", sinks).await;
     let url = format!("{}/endpoints/twin-hub", app.admin);
     let routes = json_of(app.client.get(format!("{}/eventroutes", app.admin)).send().await.unwrap()).await;
-    let ids: Vec<&str> = routes["value"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        routes["value"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["to-hub"], "the API's route is back and the deleted file route stays deleted");
     assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200);
     assert_eq!(app.post_event(&telemetry("room-1", 1.0)).await.status(), 202);
@@ -272,7 +290,8 @@ async fn health_readiness_and_metrics() {
     assert_eq!(ready.status(), 200);
     let body = json_of(ready).await;
     assert_eq!(body["status"], "ready");
-    let names: Vec<&str> = body["endpoints"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        body["endpoints"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["hub-a", "hub-b"]);
     assert_eq!(app.post_event(&twin_create("m-1")).await.status(), 202);
     app.sink("hub-a").wait_for(1).await;

@@ -20,7 +20,11 @@ const EVENT: &str = r#"{"specversion":"1.0","id":"e1","type":"microsoft.iot.tele
 #[test]
 fn check_config_reports_every_problem_with_status_78() {
     let dir = tempfile::tempdir().unwrap();
-    let ok = write(dir.path(), "ok.toml", "[endpoints.out]\ntype = \"Stdout\"\n[routes.all]\nendpoint_name = \"out\"\n");
+    let ok = write(
+        dir.path(),
+        "ok.toml",
+        "[endpoints.out]\ntype = \"Stdout\"\n[routes.all]\nendpoint_name = \"out\"\n",
+    );
     let out = twinroute().args(["check-config", "--config"]).arg(&ok).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 endpoints, 1 routes"));
@@ -38,7 +42,8 @@ fn check_config_reports_every_problem_with_status_78() {
             assert!(stderr.contains(needle), "{command}: {needle} missing from {stderr}");
         }
     }
-    let missing = twinroute().args(["check-config", "--config", "/nonexistent/twinroute.toml"]).output().unwrap();
+    let missing =
+        twinroute().args(["check-config", "--config", "/nonexistent/twinroute.toml"]).output().unwrap();
     assert_eq!(missing.status.code(), Some(78));
     // The embedded default is valid.
     assert_eq!(twinroute().arg("check-config").output().unwrap().status.code(), Some(0));
@@ -66,7 +71,10 @@ fn filter_check_prints_true_or_false_and_exits_2_on_a_bad_filter() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(bad.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("offset 14") && stderr.contains("type = 'a' AND\n") && stderr.contains('^'), "{stderr}");
+    assert!(
+        stderr.contains("offset 14") && stderr.contains("type = 'a' AND\n") && stderr.contains('^'),
+        "{stderr}"
+    );
 
     // The event from stdin.
     let mut child = twinroute()
@@ -96,7 +104,13 @@ fn route_explain_names_the_failing_clause() {
          [routes.cold-rooms]\nendpoint_name = \"cold\"\nfilter = \"type = 'microsoft.iot.telemetry' AND $body.temperature < 10\"\n",
     );
     let event = write(dir.path(), "event.json", EVENT);
-    let out = twinroute().args(["route", "explain", "--config"]).arg(&config).arg("--event").arg(&event).output().unwrap();
+    let out = twinroute()
+        .args(["route", "explain", "--config"])
+        .arg(&config)
+        .arg("--event")
+        .arg(&event)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("route hot-rooms -> hot: MATCH"), "{stdout}");
@@ -112,9 +126,14 @@ fn run_with_input_replays_ndjson_and_reports_bad_lines() {
     let config = write(
         dir.path(),
         "c.toml",
-        &format!("[endpoints.out]\ntype = \"File\"\npath = \"{}\"\n[routes.all]\nendpoint_name = \"out\"\n", out_file.display()),
+        &format!(
+            "[endpoints.out]\ntype = \"File\"\npath = \"{}\"\n[routes.all]\nendpoint_name = \"out\"\n",
+            out_file.display()
+        ),
     );
-    let good = |i: usize| format!(r#"{{"specversion":"1.0","id":"e{i}","type":"t","source":"s","data":{{"n":{i}}}}}"#);
+    let good = |i: usize| {
+        format!(r#"{{"specversion":"1.0","id":"e{i}","type":"t","source":"s","data":{{"n":{i}}}}}"#)
+    };
     let mut input = String::new();
     for i in 0..200 {
         input.push_str(&good(i));
@@ -124,7 +143,8 @@ fn run_with_input_replays_ndjson_and_reports_bad_lines() {
         }
     }
     let input_file = write(dir.path(), "in.ndjson", &input);
-    let out = twinroute().args(["run", "--config"]).arg(&config).arg("--input").arg(&input_file).output().unwrap();
+    let out =
+        twinroute().args(["run", "--config"]).arg(&config).arg("--input").arg(&input_file).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "one bad line makes the exit status 65: {stderr}");
     assert!(stderr.contains("line=102") || stderr.contains("line: 102"), "the bad line is named: {stderr}");
@@ -207,4 +227,49 @@ fn sigterm_drains_and_exits_zero() {
     assert!(rest.iter().any(|l| l.contains("SIGTERM received")), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("every accepted event was delivered")), "{rest:?}");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().lines().count(), 50);
+}
+
+#[test]
+fn the_quick_start_demo_forwards_sample_events() {
+    // `twinroute run` with no configuration: the embedded demo. Ports and rate are overridden
+    // through the environment so the test neither collides with a running daemon nor waits long.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = twinroute()
+        .arg("run")
+        .current_dir(dir.path())
+        .env("TWINROUTE_INGEST__LISTEN", "127.0.0.1:0")
+        .env("TWINROUTE_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TWINROUTE_SOURCES__DEMO__EVENTS_PER_SECOND", "200")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The console endpoint prints routed events on stdout: read a few of them.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..3 {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the demo printed no events");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let ty = event["type"].as_str().unwrap();
+        assert!(
+            ty == "microsoft.iot.telemetry" || ty.starts_with("Microsoft.DigitalTwins.Relationship."),
+            "{ty}"
+        );
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let file = std::fs::read_to_string(dir.path().join("twinroute-demo-events.ndjson")).unwrap();
+    assert!(file.lines().count() > 0, "twin lifecycle events were written to the file endpoint");
+    for line in file.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(event["type"].as_str().unwrap().starts_with("Microsoft.DigitalTwins.Twin."));
+    }
+}
+
+#[test]
+fn the_example_production_configuration_is_valid_but_needs_the_azure_sinks_to_run() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/production.toml");
+    let out = twinroute().args(["check-config", "--config", config]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 endpoints, 4 routes"));
 }

@@ -31,7 +31,8 @@ async fn batch_is_accepted_whole() {
     let sink = app.sink("hub-a");
     sink.wait_for(3).await;
     let ids: Vec<String> = sink.delivered().iter().map(|e| e.event.id().to_owned()).collect();
-    let sent: Vec<String> = batch.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    let sent: Vec<String> =
+        batch.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids, sent, "delivered in the batch's order");
     app.stop().await;
 }
@@ -100,8 +101,12 @@ async fn binary_mode_missing_attributes_are_named() {
         .unwrap();
     assert_eq!(response.status(), 400);
     let body: serde_json::Value = response.json().await.unwrap();
-    let attrs: Vec<&str> =
-        body["error"]["details"].as_array().unwrap().iter().map(|d| d["attribute"].as_str().unwrap()).collect();
+    let attrs: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["attribute"].as_str().unwrap())
+        .collect();
     assert_eq!(attrs, ["id", "source", "type"]);
     app.stop().await;
 }
@@ -151,9 +156,14 @@ async fn size_limits_are_413s() {
     let response = app.post_event(&event).await;
     assert_eq!(response.status(), 413);
     assert_eq!(response.json::<serde_json::Value>().await.unwrap()["error"]["code"], "EventTooLarge");
-    let response = app.post("application/cloudevents-batch+json", serde_json::json!([twin_create("a"), event]).to_string()).await;
+    let response = app
+        .post("application/cloudevents-batch+json", serde_json::json!([twin_create("a"), event]).to_string())
+        .await;
     assert_eq!(response.status(), 413);
-    assert!(response.json::<serde_json::Value>().await.unwrap()["error"]["message"].as_str().unwrap().contains("event 1"));
+    assert!(response.json::<serde_json::Value>().await.unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("event 1"));
     // More events than max_batch_events.
     let batch = serde_json::json!([twin_create("a"), twin_create("b"), twin_create("c")]);
     let response = app.post("application/cloudevents-batch+json", batch.to_string()).await;
@@ -188,17 +198,22 @@ async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted() 
     sink.fail_with(None);
     sink.wait_for(accepted.len()).await;
     let (_, sinks) = app.stop().await;
-    let delivered: Vec<String> = sinks.sink("hub-a").delivered().iter().map(|e| e.event.id().to_owned()).collect();
+    let delivered: Vec<String> =
+        sinks.sink("hub-a").delivered().iter().map(|e| e.event.id().to_owned()).collect();
     assert_eq!(delivered, accepted, "every accepted event delivered once, nothing else");
 }
 
 #[tokio::test]
 async fn events_matching_no_route_are_accepted_and_counted_unmatched() {
-    let app = spawn_app("[routes.hot]\nendpoint_name = \"hub-a\"\nfilter = \"$body.temperature > 30\"\n").await;
+    let app =
+        spawn_app("[routes.hot]\nendpoint_name = \"hub-a\"\nfilter = \"$body.temperature > 30\"\n").await;
     let batch = serde_json::json!([telemetry("a", 31.0), telemetry("b", 12.0)]);
     let response = app.post("application/cloudevents-batch+json", batch.to_string()).await;
     assert_eq!(response.status(), 202);
-    assert_eq!(response.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"accepted": 2, "unmatched": 1}));
+    assert_eq!(
+        response.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"accepted": 2, "unmatched": 1})
+    );
     let (_, sinks) = app.stop().await;
     let delivered = sinks.sink("hub-a").delivered();
     assert_eq!(delivered.len(), 1);

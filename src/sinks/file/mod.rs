@@ -66,7 +66,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/out.ndjson");
         let sink = FileSink::open(&path).await.unwrap();
-        let event = parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}}"#).unwrap();
+        let event =
+            parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}}"#)
+                .unwrap();
         let batch = vec![Arc::new(Envelope::new(event.clone())), Arc::new(Envelope::new(event))];
         assert_eq!(sink.deliver(&batch).await, DeliveryOutcome::Delivered);
         assert_eq!(sink.deliver(&batch[..1]).await, DeliveryOutcome::Delivered);
@@ -74,6 +76,8 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines.iter().all(|l| *l == r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}}"#));
+        assert!(lines
+            .iter()
+            .all(|l| *l == r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}}"#));
     }
 }
