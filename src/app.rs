@@ -5,6 +5,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::control::ControlPlane;
 use crate::delivery::Dispatcher;
+use crate::identity::{IdentityProvider, ImdsTransport};
 use crate::ingest::{self, http::IngestState, ndjson::NdjsonReport};
 use crate::sinks::{DefaultSinkFactory, SinkFactory};
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ pub struct RunOptions {
     pub input: Option<String>,
     /// The sinks to deliver with; [`DefaultSinkFactory`] when `None`.
     pub sinks: Option<Arc<dyn SinkFactory>>,
+    /// Replaces HTTP for IMDS requests (tests that drive time themselves).
+    pub imds_transport: Option<Arc<dyn ImdsTransport>>,
 }
 
 /// What a stop found.
@@ -91,7 +94,8 @@ impl Running {
         crate::telemetry::prometheus();
         let factory = options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory));
         let dispatcher = Arc::new(Dispatcher::new(config.delivery.queue_capacity, factory));
-        let control = Arc::new(ControlPlane::start(&config, dispatcher.clone()).await?);
+        let identity = Arc::new(IdentityProvider::new(&config.identity, options.imds_transport.clone()));
+        let control = Arc::new(ControlPlane::start(&config, dispatcher.clone(), identity).await?);
         let (stop_servers, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
         let mut sources = Vec::new();

@@ -4,6 +4,7 @@ use crate::app::{RunOptions, Running, StartError};
 use crate::config::{Config, EXIT_CONFIG};
 use crate::event::{describe_problems, parse_structured, CloudEvent};
 use crate::filter::Filter;
+use crate::identity::{IdentityProvider, ManagedIdentityId, UserAssignedId};
 use crate::routing::{Route, RouteTable};
 use clap::{Parser, Subcommand};
 use std::io::Read;
@@ -55,6 +56,40 @@ pub enum Command {
         #[command(subcommand)]
         command: RouteCommand,
     },
+    /// Managed identities of this host.
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Get a token as twinroute would, and show which source answered, the audience and the
+    /// expiry (the token itself only with --show-token), like `az account get-access-token`.
+    GetToken {
+        /// The resource (audience), e.g. https://eventhubs.azure.net/
+        #[arg(long)]
+        resource: String,
+        /// A user-assigned identity by client id.
+        #[arg(long, conflicts_with_all = ["object_id", "msi_res_id"])]
+        client_id: Option<String>,
+        /// A user-assigned identity by object (principal) id.
+        #[arg(long, conflicts_with_all = ["client_id", "msi_res_id"])]
+        object_id: Option<String>,
+        /// A user-assigned identity by ARM resource id.
+        #[arg(long, conflicts_with_all = ["client_id", "object_id"])]
+        msi_res_id: Option<String>,
+        /// The IMDS token endpoint (default: the configuration's identity.imds_endpoint).
+        #[arg(long)]
+        imds_endpoint: Option<String>,
+        /// The configuration whose [identity] section to use (default: the embedded one).
+        #[arg(long, short, env = "TWINROUTE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the token too.
+        #[arg(long)]
+        show_token: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +128,26 @@ pub fn main() -> ExitCode {
         }
         Command::Route { command: RouteCommand::Explain { config, event } } => {
             route_explain(config.as_deref(), &event)
+        }
+        Command::Identity {
+            command:
+                IdentityCommand::GetToken {
+                    resource,
+                    client_id,
+                    object_id,
+                    msi_res_id,
+                    imds_endpoint,
+                    config,
+                    show_token,
+                },
+        } => {
+            let id = match (client_id, object_id, msi_res_id) {
+                (Some(v), _, _) => ManagedIdentityId::UserAssigned(UserAssignedId::ClientId(v)),
+                (_, Some(v), _) => ManagedIdentityId::UserAssigned(UserAssignedId::ObjectId(v)),
+                (_, _, Some(v)) => ManagedIdentityId::UserAssigned(UserAssignedId::ResourceId(v)),
+                _ => ManagedIdentityId::SystemAssigned,
+            };
+            get_token(config.as_deref(), &resource, id, imds_endpoint, show_token)
         }
     }
 }
@@ -202,6 +257,86 @@ fn route_explain(config: Option<&Path>, event: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The claims of a JWT that help an operator (never the signature), if the token is a JWT.
+fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn get_token(
+    config: Option<&Path>,
+    resource: &str,
+    id: ManagedIdentityId,
+    imds_endpoint: Option<String>,
+    show_token: bool,
+) -> ExitCode {
+    let mut identity = match load_config(config) {
+        Ok(c) => c.identity,
+        Err(code) => return code,
+    };
+    if let Some(endpoint) = imds_endpoint {
+        identity.imds_endpoint = endpoint;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinroute: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let provider = IdentityProvider::new(&identity, None);
+        let credential = match provider.credential(&id) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("twinroute: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let source = credential.cache().source_name();
+        match credential.token(resource).await {
+            Ok(token) => {
+                let now = time::OffsetDateTime::now_utc();
+                let left = token.expires_on - now;
+                let expires = token
+                    .expires_on
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_else(|_| token.expires_on.to_string());
+                let where_ = if identity.source == crate::config::IdentitySourceKind::Imds {
+                    format!("imds ({})", identity.imds_endpoint)
+                } else {
+                    source.to_owned()
+                };
+                println!("source:   {where_}");
+                println!("identity: {id}");
+                let claims = jwt_claims(token.secret.expose());
+                let claim = |name: &str| {
+                    claims.as_ref().and_then(|c| c.get(name)).and_then(|v| v.as_str()).map(str::to_owned)
+                };
+                println!("audience: {}", claim("aud").unwrap_or_else(|| resource.to_owned()));
+                if let Some(oid) = claim("oid") {
+                    println!("object:   {oid}");
+                }
+                if let Some(appid) = claim("appid") {
+                    println!("client:   {appid}");
+                }
+                println!("expires:  {expires} (in {}m)", left.whole_minutes());
+                if show_token {
+                    println!("token:    {}", token.secret.expose());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("twinroute: no token for {resource} from {source}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(c) => c,
@@ -219,7 +354,7 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         // Install the recorder before anything records.
         crate::telemetry::prometheus();
         let one_shot = input.is_some();
-        let running = match Running::start(config, RunOptions { input, sinks: None }).await {
+        let running = match Running::start(config, RunOptions { input, ..Default::default() }).await {
             Ok(r) => r,
             Err(StartError::Config(e)) => {
                 eprintln!("twinroute: {e}");

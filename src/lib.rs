@@ -9,6 +9,7 @@
 //! - [`routing`]: the route table: event to set of endpoints (pure).
 //! - [`config`]: typed, strictly checked configuration; every problem reported at once.
 //! - [`control`]: routes and endpoints in force, changed with ADT's rules, stored, applied atomically.
+//! - [`identity`]: managed-identity tokens (IMDS and the other Azure hosts), the token cache, SAS keys.
 //! - [`delivery`]: per-endpoint queues and workers, fed by the dispatcher.
 //! - [`sinks`]: one folder per destination; each builds its wire form and classifies outcomes.
 //! - [`ingest`]: HTTP `POST /events`, NDJSON files and stdin, the sample generator.
@@ -24,6 +25,7 @@ pub mod control;
 pub mod delivery;
 pub mod event;
 pub mod filter;
+pub mod identity;
 pub mod ingest;
 pub mod routing;
 pub mod sinks;

@@ -64,6 +64,19 @@ fn describe() {
         "Route and endpoint changes through the admin API, by result."
     );
     describe_gauge!("twinroute_endpoint_queue_depth", "Events waiting in an endpoint's queue.");
+    describe_counter!(
+        "twinroute_token_requests_total",
+        "Token requests to identity sources, by source and result."
+    );
+    describe_counter!("twinroute_token_cache_hits_total", "Tokens served from the cache, by audience.");
+    describe_counter!(
+        "twinroute_token_refreshes_total",
+        "Token refreshes, by audience and reason (ahead, forced, failed)."
+    );
+    describe_gauge!(
+        "twinroute_token_expires_at_seconds",
+        "Unix time at which the held token of an audience expires."
+    );
     describe_histogram!(
         "twinroute_routing_duration_seconds",
         Unit::Seconds,

@@ -2,17 +2,17 @@
 //! 1. the canonical text of any tree parses back to the same tree;
 //! 2. evaluation never panics, and agrees with `explain` and with a naive reference evaluator that
 //!    reads the body through `CloudEvent::body()` (serde_json), on odd bodies too;
-//! 3. parsing any string never panics, and errors point inside the text.
+//! 3. parsing any string never panics, and errors point inside the text;
+//! 4. a route table sends an event to exactly the endpoints of the routes whose filters match.
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Value;
 use std::cmp::Ordering;
 use twinroute::event::{parse_structured, Attribute, CloudEvent, DataEncoding, EventData};
-use twinroute::filter::ast::{
-    CompareOp, Expr, Field, Function, Literal, Operand, FILTERABLE_ATTRIBUTES,
-};
+use twinroute::filter::ast::{CompareOp, Expr, Field, Function, Literal, Operand, FILTERABLE_ATTRIBUTES};
 use twinroute::filter::{Filter, MAX_FILTER_LEN};
+use twinroute::routing::{Route, RouteTable};
 
 // ---------------------------------------------------------------------------------------------
 // Generators.
@@ -48,9 +48,7 @@ fn literal() -> impl Strategy<Value = Literal> {
         any::<i64>().prop_map(Literal::Integer),
         nice_double().prop_map(Literal::Double),
         // Any finite double (printing must round-trip them all).
-        any::<f64>()
-            .prop_filter("finite", |d| d.is_finite())
-            .prop_map(Literal::Double),
+        any::<f64>().prop_filter("finite", |d| d.is_finite()).prop_map(Literal::Double),
         any::<bool>().prop_map(Literal::Bool),
         Just(Literal::Null),
     ]
@@ -117,10 +115,7 @@ fn event_with_data(data: Option<EventData>, subject: Option<&str>) -> CloudEvent
 
 fn json_event(body: &Value, subject: Option<&str>) -> CloudEvent {
     let bytes = serde_json::to_vec(body).unwrap();
-    event_with_data(
-        Some(EventData { bytes: bytes.into(), encoding: DataEncoding::Json }),
-        subject,
-    )
+    event_with_data(Some(EventData { bytes: bytes.into(), encoding: DataEncoding::Json }), subject)
 }
 
 /// Events with odd bodies that generated JSON does not cover.
@@ -195,11 +190,7 @@ fn literal_json(literal: &Literal) -> Value {
 /// Exact order of two JSON numbers, written independently of the crate's version: compare as
 /// f64 first, and fall back to integers when the doubles tie.
 fn number_order(a: &serde_json::Number, b: &serde_json::Number) -> Option<Ordering> {
-    let int = |n: &serde_json::Number| {
-        n.as_i64()
-            .map(i128::from)
-            .or_else(|| n.as_u64().map(i128::from))
-    };
+    let int = |n: &serde_json::Number| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from));
     match (int(a), int(b)) {
         (Some(x), Some(y)) => Some(x.cmp(&y)),
         _ => {
@@ -321,8 +312,15 @@ fn check_evaluation(filter: &Filter, event: &CloudEvent) -> Result<(), TestCaseE
         filter,
         event.data().map(|d| String::from_utf8_lossy(&d.bytes).into_owned())
     );
-    // A fresh copy reads the body anew and must give the same result.
+    // A fresh copy reads the body anew and must give the same result; so must a copy whose
+    // body was parsed already (filters then read the parsed value instead of the bytes).
     prop_assert_eq!(filter.matches(&event.clone()), matched);
+    let parsed = event.clone();
+    let _ = parsed.body();
+    prop_assert_eq!(filter.matches(&parsed), matched, "with the body parsed first");
+    // In a route table the filter is compiled differently (attribute dictionaries, a guard).
+    let table = RouteTable::new(vec![Route { id: "r".into(), endpoint: "e".into(), filter: filter.clone() }]);
+    prop_assert_eq!(!table.route(&event.clone()).is_empty(), matched, "in a table");
     if let Some(b) = filter.constant() {
         prop_assert_eq!(b, matched);
     }
@@ -360,6 +358,38 @@ proptest! {
         let filter = Filter::from_expr(expr);
         for event in odd_events() {
             check_evaluation(&filter, &event)?;
+        }
+    }
+
+    /// (4) A table routes to the endpoints whose routes match one by one, each once.
+    #[test]
+    fn tables_agree_with_their_filters(
+        routes in prop::collection::vec((expr(), 0usize..4), 0..8),
+        body in json(),
+        subject in prop::option::of(prop::sample::select(vec!["a", "ab", "A"])),
+    ) {
+        let routes: Vec<Route> = routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (expr, endpoint))| Route {
+                id: format!("r{i}"),
+                endpoint: format!("e{endpoint}"),
+                filter: Filter::from_expr(expr),
+            })
+            .collect();
+        let table = RouteTable::new(routes.clone());
+        let mut events = odd_events();
+        events.push(json_event(&body, subject));
+        for event in &events {
+            let routed: Vec<&str> =
+                table.route(&event.clone()).iter().map(|i| table.endpoints()[i].as_str()).collect();
+            let mut expected: Vec<&str> = Vec::new();
+            for endpoint in table.endpoints() {
+                if routes.iter().any(|r| r.endpoint == *endpoint && r.filter.matches(event)) {
+                    expected.push(endpoint);
+                }
+            }
+            prop_assert_eq!(routed, expected);
         }
     }
 

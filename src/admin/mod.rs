@@ -236,9 +236,10 @@ struct EndpointHealth {
     queued: usize,
 }
 
-/// Ready while intake is open; the body lists every endpoint's health, so an operator sees
-/// which one is failing and why. An unhealthy endpoint does not make the instance unready:
-/// events for the other endpoints still flow, and the failing one keeps its queue.
+/// Ready while intake is open and every identity-based endpoint holds its tokens (the body says
+/// which one is missing and why); the body also lists every endpoint's health. An unhealthy
+/// endpoint does not make the instance unready: events for the other endpoints still flow, and
+/// the failing one keeps its queue.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let snapshot = state.dispatcher.snapshot();
     let endpoints: Vec<EndpointHealth> = snapshot
@@ -249,11 +250,28 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             EndpointHealth { name: h.name().to_owned(), status, reason, queued: h.queue_len() }
         })
         .collect();
-    let ready = state.dispatcher.is_open();
+    let configured = state.control.endpoints().await;
+    let missing: Vec<serde_json::Value> = state
+        .control
+        .identity()
+        .missing_tokens(&configured)
+        .into_iter()
+        .map(|(endpoint, reason)| serde_json::json!({"endpoint": endpoint, "reason": reason}))
+        .collect();
+    let open = state.dispatcher.is_open();
+    let ready = open && missing.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let label = if !open {
+        "shutting down"
+    } else if !missing.is_empty() {
+        "waiting for identity tokens"
+    } else {
+        "ready"
+    };
     let body = serde_json::json!({
-        "status": if ready { "ready" } else { "shutting down" },
+        "status": label,
         "endpoints": endpoints,
+        "missing_tokens": missing,
     });
     (status, Json(body)).into_response()
 }

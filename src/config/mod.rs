@@ -166,6 +166,72 @@ impl DeliveryConfig {
     }
 }
 
+/// Where managed-identity tokens come from on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySourceKind {
+    /// The Instance Metadata Service of Azure VMs and scale sets (the default).
+    #[default]
+    Imds,
+    /// AKS workload identity: a federated service-account token exchanged with Entra ID.
+    WorkloadIdentity,
+    /// App Service and Container Apps (`IDENTITY_ENDPOINT` and `IDENTITY_HEADER`).
+    AppService,
+    /// Azure Arc-enabled servers (the local agent's challenge-protected endpoint).
+    AzureArc,
+    /// An app registration's client secret: for development only.
+    ClientSecret,
+}
+
+impl IdentitySourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentitySourceKind::Imds => "imds",
+            IdentitySourceKind::WorkloadIdentity => "workload_identity",
+            IdentitySourceKind::AppService => "app_service",
+            IdentitySourceKind::AzureArc => "azure_arc",
+            IdentitySourceKind::ClientSecret => "client_secret",
+        }
+    }
+}
+
+/// `[identity]`: how identity-based endpoints get their tokens.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct IdentityConfig {
+    pub source: IdentitySourceKind,
+    /// The IMDS token endpoint; the documented Azure address by default. Point it at a local
+    /// stand-in for tests and demos.
+    pub imds_endpoint: String,
+    /// How long one token request may take.
+    pub request_timeout_seconds: u64,
+    /// `workload_identity` / `client_secret`: the Entra tenant (default `AZURE_TENANT_ID`).
+    pub tenant_id: Option<String>,
+    /// `workload_identity` / `client_secret`: the application (default `AZURE_CLIENT_ID`).
+    pub client_id: Option<String>,
+    /// `client_secret`: the secret.
+    pub client_secret: Option<Secret>,
+    /// `workload_identity`: the projected token (default `AZURE_FEDERATED_TOKEN_FILE`).
+    pub federated_token_file: Option<String>,
+    /// `azure_arc`: where the agent writes challenge keys.
+    pub arc_key_directory: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            source: IdentitySourceKind::Imds,
+            imds_endpoint: crate::identity::DEFAULT_IMDS_ENDPOINT.to_owned(),
+            request_timeout_seconds: crate::identity::imds::DEFAULT_REQUEST_TIMEOUT.as_secs(),
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            federated_token_file: None,
+            arc_key_directory: crate::identity::sources::ARC_KEY_DIRECTORY.to_owned(),
+        }
+    }
+}
+
 /// A route as written in `[routes.<id>]`, or sent to `PUT /eventroutes/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -265,6 +331,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub delivery: DeliveryConfig,
+    pub identity: IdentityConfig,
     pub endpoints: BTreeMap<String, EndpointConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub sources: BTreeMap<String, SourceConfig>,
@@ -272,8 +339,8 @@ pub struct Config {
     pub origin: String,
 }
 
-const TOP_LEVEL_KEYS: [&str; 8] =
-    ["state_dir", "ingest", "admin", "log", "delivery", "endpoints", "routes", "sources"];
+const TOP_LEVEL_KEYS: [&str; 9] =
+    ["state_dir", "ingest", "admin", "log", "delivery", "identity", "endpoints", "routes", "sources"];
 
 /// Deserializes one section, reporting unknown keys and type errors with their full path.
 fn section<T: DeserializeOwned + Default>(
@@ -385,6 +452,15 @@ impl Config {
         let admin: AdminConfig = section("admin", top.get("admin"), &mut problems);
         let log: LogConfig = section("log", top.get("log"), &mut problems);
         let delivery: DeliveryConfig = section("delivery", top.get("delivery"), &mut problems);
+        let identity: IdentityConfig = section("identity", top.get("identity"), &mut problems);
+        match url::Url::parse(&identity.imds_endpoint) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => problems.push(format!(
+                "identity.imds_endpoint: {:?} is not an http:// URL (the default is {})",
+                identity.imds_endpoint,
+                crate::identity::DEFAULT_IMDS_ENDPOINT
+            )),
+        }
         for (key, listen) in [("ingest.listen", &ingest.listen), ("admin.listen", &admin.listen)] {
             if listen.parse::<SocketAddr>().is_err() {
                 problems.push(format!("{key}: {listen:?} is not an address:port (e.g. 127.0.0.1:8080)"));
@@ -462,6 +538,7 @@ impl Config {
             admin,
             log,
             delivery,
+            identity,
             endpoints,
             routes,
             sources,

@@ -11,6 +11,7 @@ use crate::config::{
     RouteConfig, RouteSpec,
 };
 use crate::delivery::Dispatcher;
+use crate::identity::{IdentityProvider, ManagedIdentityId};
 use crate::routing::Route;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -71,6 +72,8 @@ pub enum Upsert {
 pub struct ControlPlane {
     state: Mutex<State>,
     dispatcher: Arc<Dispatcher>,
+    /// Checks that this host can act as an endpoint's identity, and fetches its tokens early.
+    identity: Arc<IdentityProvider>,
     state_file: Option<PathBuf>,
     max_routes: usize,
     max_endpoints: usize,
@@ -86,7 +89,11 @@ fn routes_for_table(routes: &BTreeMap<String, RouteConfig>) -> Vec<Route> {
 impl ControlPlane {
     /// Builds the control plane from the configuration and the stored API changes, checks that
     /// this build can deliver to every endpoint, and applies it all to `dispatcher`.
-    pub async fn start(config: &Config, dispatcher: Arc<Dispatcher>) -> Result<Self, ConfigError> {
+    pub async fn start(
+        config: &Config,
+        dispatcher: Arc<Dispatcher>,
+        identity: Arc<IdentityProvider>,
+    ) -> Result<Self, ConfigError> {
         let state_file = config.state_dir.as_ref().map(|d| d.join(STATE_FILE));
         let fail = |origin: String, problems: Vec<String>| ConfigError { origin, problems };
         let overlay = match &state_file {
@@ -120,6 +127,14 @@ impl ControlPlane {
                 )
             })
             .collect();
+        let mut unsupported = unsupported;
+        for e in state.endpoints.values() {
+            if let Some(id) = &e.identity {
+                if let Err(why) = identity.check(&ManagedIdentityId::from(id)) {
+                    unsupported.push(format!("endpoints.{}.identity: {why}", e.name));
+                }
+            }
+        }
         if !unsupported.is_empty() {
             return Err(fail(origin, unsupported));
         }
@@ -127,12 +142,14 @@ impl ControlPlane {
             .apply(&state.endpoints, routes_for_table(&state.routes))
             .await
             .map_err(|e| fail(origin, vec![e.to_string()]))?;
+        identity.warm(&state.endpoints.values().cloned().collect::<Vec<_>>());
         if state_file.is_none() {
             tracing::warn!("no state_dir is configured: route and endpoint changes made through the admin API will not survive a restart");
         }
         Ok(Self {
             state: Mutex::new(state),
             dispatcher,
+            identity,
             state_file,
             max_routes: config.admin.max_routes,
             max_endpoints: config.admin.max_endpoints,
@@ -146,6 +163,11 @@ impl ControlPlane {
 
     pub async fn route(&self, id: &str) -> Option<RouteConfig> {
         self.state.lock().await.routes.get(id).cloned()
+    }
+
+    /// The identity provider endpoints get their tokens from.
+    pub fn identity(&self) -> &Arc<IdentityProvider> {
+        &self.identity
     }
 
     /// Endpoints in force, by name.
@@ -228,6 +250,11 @@ impl ControlPlane {
                     endpoint.endpoint_type
                 ),
             ));
+        }
+        if let Some(id) = &endpoint.identity {
+            if let Err(why) = self.identity.check(&ManagedIdentityId::from(id)) {
+                return Err(ControlError::new(400, "EndpointInvalid", format!("identity: {why}")));
+            }
         }
         let mut state = self.state.lock().await;
         let existing = state.endpoints.get(name);
@@ -320,6 +347,7 @@ impl ControlPlane {
                 ));
             }
         }
+        self.identity.warm(&endpoints.values().cloned().collect::<Vec<_>>());
         state.overlay = overlay;
         state.endpoints = endpoints;
         state.routes = routes;

@@ -248,6 +248,13 @@ impl CloudEvent {
             .as_ref()
     }
 
+    /// The parsed body if [`CloudEvent::body`] has already run on this event (`Some(None)` when it
+    /// found no JSON body), or `None` if it has not: never parses. Route filters read `$body`
+    /// fields straight from the bytes, but use the parsed value when someone already paid for it.
+    pub fn parsed_body(&self) -> Option<Option<&serde_json::Value>> {
+        self.body.get().map(Option::as_ref)
+    }
+
     /// The id of the twin this event is about, where the event type says where to find it:
     /// the subject of twin events, the part of a relationship subject before `/relationships/`,
     /// and the `<host>/digitaltwins/<twinId>` source of telemetry.

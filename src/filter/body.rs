@@ -12,7 +12,7 @@
 //! otherwise. The bytes were validated as JSON when the event was built; if they still do not scan
 //! (which would be a bug), the body counts as absent.
 
-use memchr::memchr2;
+use serde_json::Value;
 use std::borrow::Cow;
 
 /// The largest number of distinct paths one trie can hold (slot numbers are `u16`).
@@ -136,32 +136,50 @@ impl PathTrie {
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Bit 7 of each byte of `word` that equals `byte` is set, and possibly bits of bytes after the
+/// first such byte (borrows), never before it: the lowest set bit is exact.
+#[inline]
+fn bytes_equal(word: u64, byte: u8) -> u64 {
+    let x = word ^ (ONES * u64::from(byte));
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
 /// The closing quote of a string whose contents start at `start`, and whether it has escapes.
-/// Most strings in twin events are short, where a plain loop beats a vectorized search; long
-/// ones switch to `memchr2` after the first 32 bytes.
+/// Looks at eight bytes at a time for `"` or `\`.
 #[inline]
 fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool)> {
     let mut j = start;
     let mut escaped = false;
-    let short_end = start.saturating_add(32).min(b.len());
-    while j < short_end {
-        match b[j] {
-            b'"' => return Ok((j, escaped)),
-            b'\\' => {
-                escaped = true;
-                j += 2; // the backslash and the escaped byte (`\u` digits hold no quote)
-            }
-            _ => j += 1,
-        }
-    }
     loop {
-        let rest = b.get(j..).ok_or(Malformed)?;
-        j += memchr2(b'"', b'\\', rest).ok_or(Malformed)?;
+        let word = b.get(j..j.saturating_add(8)).and_then(|chunk| <[u8; 8]>::try_from(chunk).ok());
+        match word {
+            Some(chunk) => {
+                let word = u64::from_le_bytes(chunk);
+                let found = bytes_equal(word, b'"') | bytes_equal(word, b'\\');
+                if found == 0 {
+                    j += 8;
+                    continue;
+                }
+                j += (found.trailing_zeros() / 8) as usize;
+            }
+            // Fewer than eight bytes left: one at a time.
+            None => {
+                while !matches!(b.get(j), Some(b'"' | b'\\')) {
+                    if j >= b.len() {
+                        return Err(Malformed);
+                    }
+                    j += 1;
+                }
+            }
+        }
         if b[j] == b'"' {
             return Ok((j, escaped));
         }
         escaped = true;
-        j += 2;
+        j += 2; // the backslash and the escaped byte (`\u` digits hold no quote or backslash)
     }
 }
 
@@ -278,7 +296,14 @@ impl<'a> Scanner<'a> {
             return Ok(children.iter().find(|(n, _)| **n == *name).map(|&(_, c)| c as usize));
         }
         let raw = &self.b[key.start..key.end];
-        Ok(children.iter().find(|(n, _)| n.as_bytes() == raw).map(|&(_, c)| c as usize))
+        // Length and first byte first: most keys are not wanted, and differ there.
+        Ok(children
+            .iter()
+            .find(|(n, _)| {
+                let n = n.as_bytes();
+                n.len() == raw.len() && n.first() == raw.first() && n == raw
+            })
+            .map(|&(_, c)| c as usize))
     }
 
     fn skip_value(&mut self) -> Scan {
@@ -286,7 +311,19 @@ impl<'a> Scanner<'a> {
         match self.peek()? {
             b'{' | b'[' => self.skip_container(),
             b'"' => self.string().map(drop),
-            _ => self.scalar().map(drop),
+            // A literal or a number: only its length matters.
+            _ => {
+                let rest = &self.b[self.i..];
+                let len = rest
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'-' | b'+' | b'.' | b'E'))
+                    .unwrap_or(rest.len());
+                if len == 0 {
+                    return Err(Malformed);
+                }
+                self.i += len;
+                Ok(())
+            }
         }
     }
 
@@ -333,36 +370,85 @@ impl<'a> Scanner<'a> {
     /// `true`, `false`, `null` or a number.
     fn scalar(&mut self) -> Scan<Slot<'a>> {
         let rest = &self.b[self.i..];
-        for (word, slot) in
-            [(&b"true"[..], Slot::Bool(true)), (b"false", Slot::Bool(false)), (b"null", Slot::Null)]
-        {
-            if rest.starts_with(word) {
-                self.i += word.len();
-                return Ok(slot);
+        let (slot, len) = match rest.first() {
+            Some(b't') if rest.starts_with(b"true") => (Slot::Bool(true), 4),
+            Some(b'f') if rest.starts_with(b"false") => (Slot::Bool(false), 5),
+            Some(b'n') if rest.starts_with(b"null") => (Slot::Null, 4),
+            _ => {
+                let len = rest
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .unwrap_or(rest.len());
+                (number(&rest[..len])?, len)
             }
-        }
-        let len = rest
-            .iter()
-            .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-            .unwrap_or(rest.len());
-        if len == 0 {
-            return Err(Malformed);
-        }
-        // Only ASCII bytes were taken, so this is valid UTF-8.
-        let text = std::str::from_utf8(&rest[..len]).map_err(|_| Malformed)?;
+        };
         self.i += len;
-        let integer = !text.contains(['.', 'e', 'E']);
-        if integer {
-            if let Ok(i) = text.parse::<i64>() {
-                return Ok(Slot::Int(i));
-            }
-            if let Ok(u) = text.parse::<u64>() {
-                return Ok(Slot::UInt(u));
-            }
+        Ok(slot)
+    }
+}
+
+/// A JSON number, as `serde_json::Value` holds it: `i64`, else `u64`, else `f64` (parsed by
+/// serde_json too, so both ways of reading a body give the same double).
+fn number<'a>(text: &[u8]) -> Scan<Slot<'a>> {
+    if text.is_empty() {
+        return Err(Malformed);
+    }
+    if !text.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+        // Only ASCII digits and signs were taken, so this is valid UTF-8.
+        let digits = std::str::from_utf8(text).map_err(|_| Malformed)?;
+        if let Ok(i) = digits.parse::<i64>() {
+            return Ok(Slot::Int(i));
         }
-        match text.parse::<f64>() {
-            Ok(f) if f.is_finite() => Ok(Slot::Float(f)),
-            _ => Err(Malformed),
+        if let Ok(u) = digits.parse::<u64>() {
+            return Ok(Slot::UInt(u));
+        }
+    }
+    match serde_json::from_slice::<f64>(text) {
+        Ok(f) if f.is_finite() => Ok(Slot::Float(f)),
+        _ => Err(Malformed),
+    }
+}
+
+impl<'a> Slot<'a> {
+    /// The slot for a parsed JSON value (borrowing its strings).
+    fn from_json(value: &'a Value) -> Slot<'a> {
+        match value {
+            Value::Null => Slot::Null,
+            Value::Bool(b) => Slot::Bool(*b),
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Slot::Int(i)
+                } else if let Some(u) = n.as_u64() {
+                    Slot::UInt(u)
+                } else {
+                    n.as_f64().map_or(Slot::Missing, Slot::Float)
+                }
+            }
+            Value::String(s) => Slot::Str(Cow::Borrowed(s)),
+            Value::Array(_) => Slot::Array,
+            Value::Object(_) => Slot::Object,
+        }
+    }
+}
+
+impl PathTrie {
+    /// Fills `slots` from a body already parsed by [`CloudEvent::body`](crate::event::CloudEvent::body).
+    /// Gives the same slots as [`PathTrie::extract`] on its text.
+    pub fn extract_parsed<'a>(&self, body: &'a Value, slots: &mut [Slot<'a>]) {
+        self.walk_parsed(0, body, slots);
+    }
+
+    fn walk_parsed<'a>(&self, node: usize, value: &'a Value, slots: &mut [Slot<'a>]) {
+        let n = &self.nodes[node];
+        if let Some(slot) = n.slot {
+            slots[slot as usize] = Slot::from_json(value);
+        }
+        if let Value::Object(members) = value {
+            for (name, child) in &n.children {
+                if let Some(member) = members.get(&**name) {
+                    self.walk_parsed(*child as usize, member, slots);
+                }
+            }
         }
     }
 }
@@ -422,11 +508,45 @@ mod tests {
     }
 
     #[test]
+    fn parsed_bodies_give_the_same_slots() {
+        let json = r#"{"a": {"b": "x\u00e9", "c": [1]}, "n": -5, "u": 18446744073709551615, "f": 0.1, "a": {"b": 2}, "z": null}"#;
+        let paths: &[&[&str]] =
+            &[&["a", "b"], &["a", "c"], &["a"], &["n"], &["u"], &["f"], &["z"], &["q"], &["n", "x"], &[]];
+        let mut trie = PathTrie::default();
+        for p in paths {
+            trie.insert(p);
+        }
+        trie.finish();
+        let mut scanned = vec![Slot::Missing; trie.slot_count()];
+        assert!(trie.extract(json.as_bytes(), &mut scanned));
+        let value: Value = serde_json::from_str(json).unwrap();
+        let mut parsed = vec![Slot::Missing; trie.slot_count()];
+        trie.extract_parsed(&value, &mut parsed);
+        assert_eq!(scanned, parsed);
+        assert_eq!(scanned[0], Slot::Int(2));
+    }
+
+    #[test]
     fn last_duplicate_wins_like_serde_json() {
         let got = extract(&[&["a", "b"], &["a"]], r#"{"a": {"b": 1}, "a": 5}"#);
         assert_eq!(got, [Slot::Missing, Slot::Int(5)]);
         let got = extract(&[&["a", "b"]], r#"{"a": 5, "a": {"b": 2}}"#);
         assert_eq!(got, [Slot::Int(2)]);
+    }
+
+    #[test]
+    fn string_ends_at_every_alignment() {
+        let cases =
+            [("", false), ("abc", false), ("a\\\"b", true), ("0123456789abcdef\\\\", true), ("é€", false)];
+        for prefix in 0..20 {
+            for (inner, escaped) in cases {
+                let text = format!("{}\"{inner}\"xyz", " ".repeat(prefix));
+                let found = string_end(text.as_bytes(), prefix + 1).ok();
+                assert_eq!(found, Some((prefix + 1 + inner.len(), escaped)), "{text}");
+            }
+            let open = format!("{}\"abc\\\"", " ".repeat(prefix));
+            assert!(string_end(open.as_bytes(), prefix + 1).is_err());
+        }
     }
 
     #[test]

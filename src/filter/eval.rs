@@ -18,6 +18,7 @@
 use super::ast::{CompareOp, Expr, Field, Function, Literal, Operand};
 use super::body::{PathTrie, Slot};
 use crate::event::{Attribute, CloudEvent, DataEncoding, SPEC_VERSION};
+use memchr::memmem;
 use smallvec::SmallVec;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -123,7 +124,12 @@ pub(crate) fn compare(op: CompareOp, a: Val<'_>, b: Val<'_>) -> bool {
         (Val::Missing, _) | (_, Val::Missing) => false,
         (Val::Null, Val::Null) => op == CompareOp::Eq,
         (Val::Null, _) | (_, Val::Null) => op == CompareOp::Ne,
-        (Val::Str(x), Val::Str(y)) => holds(op, x.cmp(y)),
+        (Val::Str(x), Val::Str(y)) => match op {
+            // Equality compares lengths first.
+            CompareOp::Eq => x == y,
+            CompareOp::Ne => x != y,
+            _ => holds(op, x.cmp(y)),
+        },
         (Val::Bool(x), Val::Bool(y)) => match op {
             CompareOp::Eq => x == y,
             CompareOp::Ne => x != y,
@@ -226,12 +232,24 @@ impl Shared {
 }
 
 /// Compiles filters against one [`Shared`].
-#[derive(Default)]
 pub(crate) struct Compiler {
     shared: Shared,
+    /// Compare attributes by dictionary id. Pays off when many filters share the per-event
+    /// lookups (a route table); for one filter a direct string comparison is cheaper than a hash.
+    dictionaries: bool,
 }
 
 impl Compiler {
+    /// For one filter evaluated on its own.
+    pub(crate) fn standalone() -> Compiler {
+        Compiler { shared: Shared::default(), dictionaries: false }
+    }
+
+    /// For the filters of a route table, evaluated together on each event.
+    pub(crate) fn table() -> Compiler {
+        Compiler { shared: Shared::default(), dictionaries: true }
+    }
+
     /// Simplifies and compiles a tree.
     pub(crate) fn add(&mut self, expr: &Expr) -> Compiled {
         let root = self.lower(&fold(expr));
@@ -269,11 +287,12 @@ impl Compiler {
                     op = mirror(op);
                 }
                 match (left, right) {
-                    (Opnd::Attr(attr), Opnd::Str(s)) if matches!(op, CompareOp::Eq | CompareOp::Ne) => {
-                        Node::AttrEq {
-                            attr,
-                            id: self.shared.dictionaries.intern(attr, &s),
-                            ne: op == CompareOp::Ne,
+                    (Opnd::Attr(attr), Opnd::Str(lit)) if matches!(op, CompareOp::Eq | CompareOp::Ne) => {
+                        let ne = op == CompareOp::Ne;
+                        if self.dictionaries {
+                            Node::AttrEq { attr, id: self.shared.dictionaries.intern(attr, &lit), ne }
+                        } else {
+                            Node::AttrStrEq { attr, lit, ne }
                         }
                     }
                     (Opnd::Attr(attr), Opnd::Str(lit)) => Node::AttrOrder { attr, op, lit },
@@ -282,7 +301,12 @@ impl Compiler {
                 }
             }
             Expr::Call { func, left, right } => match (self.operand(left), self.operand(right)) {
-                (Opnd::Attr(attr), Opnd::Str(needle)) => Node::AttrCall { attr, func: *func, needle },
+                (Opnd::Attr(attr), Opnd::Str(needle)) => {
+                    Node::AttrCall { attr, needle: Needle::new(*func, needle) }
+                }
+                (Opnd::Body(slot), Opnd::Str(needle)) => {
+                    Node::BodyCall { slot, needle: Needle::new(*func, needle) }
+                }
                 (left, right) => Node::Call { func: *func, left, right },
             },
         }
@@ -333,8 +357,15 @@ impl<'e> Env<'e> {
     fn extract_now(&mut self) {
         self.extracted = true;
         self.slots.resize(self.shared.trie.slot_count(), Slot::Missing);
-        if let Some(json) = json_body(self.event) {
-            self.shared.trie.extract(json, &mut self.slots);
+        match self.event.parsed_body() {
+            // Someone parsed the body already (`CloudEvent::body`): walk the value.
+            Some(Some(value)) => self.shared.trie.extract_parsed(value, &mut self.slots),
+            Some(None) => {}
+            None => {
+                if let Some(json) = json_body(self.event) {
+                    self.shared.trie.extract(json, &mut self.slots);
+                }
+            }
         }
     }
 
@@ -407,6 +438,40 @@ impl Opnd {
     }
 }
 
+/// The literal second argument of a string function, prepared for searching.
+#[derive(Debug, Clone)]
+struct Needle {
+    func: Function,
+    text: Box<str>,
+    /// For `CONTAINS`: a substring searcher built once (`str::contains` builds one per call).
+    finder: Option<memmem::Finder<'static>>,
+}
+
+impl Needle {
+    fn new(func: Function, text: Box<str>) -> Needle {
+        let finder = (func == Function::Contains).then(|| memmem::Finder::new(text.as_bytes()).into_owned());
+        Needle { func, text, finder }
+    }
+
+    /// `FUNC(haystack, needle)`. The first (last) byte is compared before the rest: most
+    /// haystacks differ there, and it saves a `memcmp` call.
+    #[inline]
+    fn test(&self, haystack: &str) -> bool {
+        let (hay, needle) = (haystack.as_bytes(), self.text.as_bytes());
+        match self.func {
+            Function::StartsWith => match needle.first() {
+                None => true,
+                Some(first) => hay.first() == Some(first) && hay.starts_with(needle),
+            },
+            Function::EndsWith => match needle.last() {
+                None => true,
+                Some(last) => hay.last() == Some(last) && hay.ends_with(needle),
+            },
+            Function::Contains => self.finder.as_ref().is_some_and(|f| f.find(hay).is_some()),
+        }
+    }
+}
+
 /// A compiled condition. The specialized leaves cover what route filters are made of.
 #[derive(Debug, Clone)]
 enum Node {
@@ -414,10 +479,16 @@ enum Node {
     And(Box<[Node]>),
     Or(Box<[Node]>),
     Not(Box<Node>),
-    /// `attr = 'lit'` / `attr != 'lit'`, by dictionary id.
+    /// `attr = 'lit'` / `attr != 'lit'`, by dictionary id (in a route table).
     AttrEq {
         attr: Attribute,
         id: u32,
+        ne: bool,
+    },
+    /// `attr = 'lit'` / `attr != 'lit'` by string comparison (a filter on its own).
+    AttrStrEq {
+        attr: Attribute,
+        lit: Box<str>,
         ne: bool,
     },
     /// `attr < 'lit'` and the other orderings.
@@ -429,8 +500,12 @@ enum Node {
     /// `FUNC(attr, 'lit')`.
     AttrCall {
         attr: Attribute,
-        func: Function,
-        needle: Box<str>,
+        needle: Needle,
+    },
+    /// `FUNC($body.path, 'lit')`.
+    BodyCall {
+        slot: u16,
+        needle: Needle,
     },
     /// `$body.path op literal`.
     BodyLit {
@@ -462,14 +537,25 @@ impl Node {
                 let value = env.id(*attr);
                 value != ABSENT && ((value == *id) != *ne)
             }
+            Node::AttrStrEq { attr, lit, ne } => match env.event.attribute(*attr) {
+                Some(value) => (value == &**lit) != *ne,
+                None => false,
+            },
             Node::AttrOrder { attr, op, lit } => match env.event.attribute(*attr) {
                 Some(value) => holds(*op, value.cmp(lit)),
                 None => false,
             },
-            Node::AttrCall { attr, func, needle } => match env.event.attribute(*attr) {
-                Some(value) => call(*func, Val::Str(value), Val::Str(needle)),
+            Node::AttrCall { attr, needle } => match env.event.attribute(*attr) {
+                Some(value) => needle.test(value),
                 None => false,
             },
+            Node::BodyCall { slot, needle } => {
+                env.extract();
+                match env.slot(*slot) {
+                    Val::Str(value) => needle.test(value),
+                    _ => false,
+                }
+            }
             Node::BodyLit { slot, op, lit } => {
                 env.extract();
                 compare(*op, env.slot(*slot), lit.literal())
@@ -555,7 +641,7 @@ pub(crate) struct Program {
 
 impl Program {
     pub(crate) fn compile(expr: &Expr) -> Program {
-        let mut compiler = Compiler::default();
+        let mut compiler = Compiler::standalone();
         let compiled = compiler.add(expr);
         Program { compiled, shared: compiler.finish() }
     }

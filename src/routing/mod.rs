@@ -48,7 +48,7 @@ impl RouteTable {
     /// Builds a table; endpoints are numbered in the order routes first name them.
     pub fn new(routes: Vec<Route>) -> RouteTable {
         let mut endpoints: Vec<String> = Vec::new();
-        let mut compiler = Compiler::default();
+        let mut compiler = Compiler::table();
         let compiled = routes
             .iter()
             .map(|route| {
@@ -77,13 +77,21 @@ impl RouteTable {
 
     /// The endpoints the event goes to.
     pub fn route(&self, event: &CloudEvent) -> EndpointSet {
-        let mut set = EndpointSet::new();
         let mut env = Env::new(event, &self.shared);
-        for route in &self.compiled {
-            if route.disabled || set.contains(route.endpoint) {
-                continue;
+        if self.endpoints.len() <= 128 {
+            // The common case, with the set in a register.
+            let mut chosen = 0u128;
+            for route in &self.compiled {
+                let bit = 1u128 << route.endpoint;
+                if !route.disabled && chosen & bit == 0 && route.filter.eval(&mut env) {
+                    chosen |= bit;
+                }
             }
-            if route.filter.eval(&mut env) {
+            return EndpointSet::from_bits(chosen);
+        }
+        let mut set = EndpointSet::new();
+        for route in &self.compiled {
+            if !route.disabled && !set.contains(route.endpoint) && route.filter.eval(&mut env) {
                 set.insert(route.endpoint);
             }
         }
@@ -99,7 +107,7 @@ impl RouteTable {
 
 /// A set of endpoint indexes (see [`RouteTable::endpoints`]): a bitset, inline (no allocation)
 /// up to 128 endpoints. Iterates in ascending order.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default)]
 pub struct EndpointSet {
     words: SmallVec<[u64; 2]>,
 }
@@ -107,6 +115,18 @@ pub struct EndpointSet {
 impl EndpointSet {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn from_bits(bits: u128) -> Self {
+        let (low, high) = (bits as u64, (bits >> 64) as u64);
+        let mut words = SmallVec::new();
+        if bits != 0 {
+            words.push(low);
+        }
+        if high != 0 {
+            words.push(high);
+        }
+        EndpointSet { words }
     }
 
     pub fn insert(&mut self, index: usize) {
@@ -132,6 +152,23 @@ impl EndpointSet {
     /// Endpoint indexes in ascending order.
     pub fn iter(&self) -> EndpointIter<'_> {
         EndpointIter { words: &self.words, word: 0, bits: self.words.first().copied().unwrap_or(0) }
+    }
+}
+
+/// Equal when they hold the same indexes, however they were built.
+impl PartialEq for EndpointSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for EndpointSet {}
+
+impl std::hash::Hash for EndpointSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for i in self.iter() {
+            i.hash(state);
+        }
     }
 }
 
@@ -291,6 +328,11 @@ mod tests {
         assert_eq!(set.len(), 5);
         assert!(set.contains(200) && !set.contains(199) && !set.contains(10_000));
         assert_eq!(format!("{set:?}"), "{0, 3, 64, 127, 200}");
+        assert_eq!(EndpointSet::from_bits(1 << 70), [70].into_iter().collect());
+        assert_eq!(EndpointSet::from_bits(0), EndpointSet::new());
+        let mut grown = EndpointSet::new();
+        grown.insert(300);
+        assert_ne!(grown, EndpointSet::new());
         let routes: Vec<Route> = (0..150)
             .map(|i| route(&format!("r{i}"), &format!("e{i}"), &format!("subject = 's{}'", i % 50)))
             .collect();

@@ -45,7 +45,7 @@ pub async fn spawn_in(dir: tempfile::TempDir, extra: &str, sinks: Arc<MemorySink
         ("TWINROUTE_ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
     ]);
     let config = Config::from_toml(&text, "test", Some(env)).expect("test config is valid");
-    let running = Running::start(config, RunOptions { input: None, sinks: Some(sinks.clone()) })
+    let running = Running::start(config, RunOptions { sinks: Some(sinks.clone()), ..Default::default() })
         .await
         .expect("the daemon starts");
     TestApp {

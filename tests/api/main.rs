@@ -3,4 +3,5 @@
 mod admin;
 mod cli;
 mod helpers;
+mod identity;
 mod ingest;
