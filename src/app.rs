@@ -92,9 +92,10 @@ impl Running {
     pub async fn start(config: Config, options: RunOptions) -> Result<Running, StartError> {
         // Metric handles bind to the recorder present when they are made: install it first.
         crate::telemetry::prometheus();
-        let factory = options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory));
-        let dispatcher = Arc::new(Dispatcher::new(config.delivery.queue_capacity, factory));
         let identity = Arc::new(IdentityProvider::new(&config.identity, options.imds_transport.clone()));
+        let factory =
+            options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory::new(identity.clone())));
+        let dispatcher = Arc::new(Dispatcher::new(config.delivery.queue_capacity, factory));
         let control = Arc::new(ControlPlane::start(&config, dispatcher.clone(), identity).await?);
         let (stop_servers, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();

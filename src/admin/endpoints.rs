@@ -53,6 +53,12 @@ struct PropertiesIn {
     identity: Option<IdentityIn>,
     dead_letter_uri: Option<String>,
     dead_letter_secret: Option<Secret>,
+    partition_key: Option<String>,
+    partition_id: Option<String>,
+    session_id: Option<String>,
+    format: Option<String>,
+    ca_file: Option<String>,
+    custom_endpoint: Option<String>,
     /// Read-only in ARM; accepted so a GET body can be PUT back.
     #[allow(dead_code)]
     provisioning_state: Option<String>,
@@ -92,6 +98,12 @@ impl From<PropertiesIn> for EndpointSpec {
             }),
             dead_letter_uri: p.dead_letter_uri,
             dead_letter_secret: p.dead_letter_secret,
+            partition_key: p.partition_key,
+            partition_id: p.partition_id,
+            session_id: p.session_id,
+            format: p.format,
+            ca_file: p.ca_file,
+            custom_endpoint: p.custom_endpoint,
         }
     }
 }
@@ -121,6 +133,18 @@ struct PropertiesOut {
     identity: Option<IdentityIn>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dead_letter_uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    custom_endpoint: Option<String>,
     /// Secret properties, present (as `null`) when set, so a client can see that they are.
     #[serde(flatten)]
     secrets: serde_json::Map<String, serde_json::Value>,
@@ -176,6 +200,12 @@ fn resource(e: &EndpointConfig) -> EndpointResourceOut {
                 },
             }),
             dead_letter_uri: spec.dead_letter_uri.clone(),
+            partition_key: spec.partition_key.clone(),
+            partition_id: spec.partition_id.clone(),
+            session_id: spec.session_id.clone(),
+            format: spec.format.clone(),
+            ca_file: spec.ca_file.clone(),
+            custom_endpoint: spec.custom_endpoint.clone(),
             secrets,
         },
     }

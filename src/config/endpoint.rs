@@ -60,6 +60,53 @@ pub struct EndpointSpec {
     /// Key-based endpoints: dead-letter container SAS URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_secret: Option<Secret>,
+    /// Event Hubs: `twin_id` (the default: one twin's events stay in order) or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    /// Event Hubs: send every event to this partition (instead of a partition key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_id: Option<String>,
+    /// Service Bus: `none` (the default) or `twin_id` (for session-enabled queues and subscriptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Blob: `json` (the default: one blob per event) or `ndjson` (one blob per delivered batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Event Hubs / Service Bus: connect to this AMQP URL instead of the namespace's
+    /// (`amqp://host:port` is plain TCP): a local stand-in or emulator, or a proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_endpoint: Option<String>,
+    /// HTTPS endpoints (Blob, Event Grid, dead-letter stores): a PEM file of extra CA
+    /// certificates to trust (a private CA, a TLS-inspecting proxy, a local emulator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// Event Hubs partitioning of a checked endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partitioning {
+    /// Partition key = the event's twin id (events without one get no key).
+    TwinId,
+    /// No key: the service spreads events.
+    None,
+    /// A fixed partition id.
+    Partition(String),
+}
+
+/// Service Bus session id of a checked endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionIdFrom {
+    None,
+    TwinId,
+}
+
+/// Blob layout of a checked endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobFormat {
+    /// `<endpoint>/<yyyy>/<mm>/<dd>/<hh>/<event-id>.json`, one structured event per blob.
+    Json,
+    /// `<endpoint>/<yyyy>/<mm>/<dd>/<hh>/<first-event-id>.ndjson`, one blob per delivered batch.
+    Ndjson,
 }
 
 /// `identity = { type = "UserAssigned", user_assigned_identity = "<ARM id>" }`.
@@ -168,19 +215,23 @@ pub enum EndpointTarget {
         namespace: String,
         hub: String,
         connection: Option<ConnectionString>,
+        partitioning: Partitioning,
     },
     ServiceBus {
         namespace: String,
         entity: String,
         kind: ServiceBusEntity,
         connection: Option<ConnectionString>,
+        session_id: SessionIdFrom,
     },
     EventGrid {
         topic_endpoint: url::Url,
         schema: EventGridSchema,
     },
+    /// `container_url` never holds a SAS: key-based Blob endpoints keep theirs in the spec.
     Blob {
         container_url: url::Url,
+        format: BlobFormat,
     },
     File {
         path: PathBuf,
@@ -207,6 +258,10 @@ pub struct EndpointConfig {
     pub identity: Option<Identity>,
     pub target: EndpointTarget,
     pub dead_letter: Option<DeadLetter>,
+    /// Extra CA certificates (PEM) to trust for this endpoint's HTTPS connections.
+    pub ca_file: Option<PathBuf>,
+    /// Event Hubs / Service Bus: where the AMQP connection really goes (see the spec field).
+    pub custom_endpoint: Option<url::Url>,
     /// The spec it was built from, kept so it can be stored and shown again exactly.
     pub spec: EndpointSpec,
 }
@@ -285,6 +340,12 @@ impl EndpointSpec {
         mark("identity", self.identity.is_some());
         mark("dead_letter_uri", self.dead_letter_uri.is_some());
         mark("dead_letter_secret", self.dead_letter_secret.is_some());
+        mark("partition_key", self.partition_key.is_some());
+        mark("partition_id", self.partition_id.is_some());
+        mark("session_id", self.session_id.is_some());
+        mark("format", self.format.is_some());
+        mark("ca_file", self.ca_file.is_some());
+        mark("custom_endpoint", self.custom_endpoint.is_some());
         set
     }
 
@@ -419,6 +480,27 @@ impl EndpointSpec {
         };
 
         let target = self.target(endpoint_type, identity_based, &mut problems);
+        // A connection string for a development emulator names where to connect.
+        let emulator = self.connection_string.as_ref().and_then(|cs| {
+            let text = cs.expose().to_ascii_lowercase();
+            text.contains("usedevelopmentemulator=true")
+                .then(|| ConnectionString::parse(cs.expose()).ok())
+                .flatten()
+        });
+        let custom_endpoint = match (&self.custom_endpoint, emulator) {
+            (Some(u), _) => match url::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "amqp" | "amqps") && url.host_str().is_some() => Some(url),
+                _ => {
+                    problems.push(format!("custom_endpoint: {u:?} is not an amqp:// or amqps:// URL"));
+                    None
+                }
+            },
+            (None, Some(cs)) => {
+                let port = cs.endpoint.port().unwrap_or(5672);
+                url::Url::parse(&format!("amqp://{}:{port}", cs.namespace)).ok()
+            }
+            (None, None) => None,
+        };
 
         let dead_letter = match (&self.dead_letter_uri, &self.dead_letter_secret) {
             (Some(uri), _) if identity_based => {
@@ -438,6 +520,8 @@ impl EndpointSpec {
                 identity,
                 target,
                 dead_letter,
+                ca_file: self.ca_file.as_ref().map(PathBuf::from),
+                custom_endpoint,
                 spec: self.clone(),
             }),
             _ => Err(problems),
@@ -516,7 +600,35 @@ impl EndpointSpec {
                 };
                 let (namespace, entity) = (namespace?, entity?);
                 if endpoint_type == EndpointType::EventHub {
-                    return Some(EndpointTarget::EventHub { namespace, hub: entity, connection });
+                    let partitioning = match (self.partition_id.as_deref(), self.partition_key.as_deref()) {
+                        (Some(id), None) if !id.trim().is_empty() => {
+                            Partitioning::Partition(id.trim().to_owned())
+                        }
+                        (Some(_), Some(_)) => {
+                            problems.push(
+                                "partition_id and partition_key: choose one (a fixed partition has no key)"
+                                    .into(),
+                            );
+                            return None;
+                        }
+                        (Some(_), None) => {
+                            problems.push("partition_id: must not be empty".into());
+                            return None;
+                        }
+                        (None, None) => Partitioning::TwinId,
+                        (None, Some(k)) if k.eq_ignore_ascii_case("twin_id") => Partitioning::TwinId,
+                        (None, Some(k)) if k.eq_ignore_ascii_case("none") => Partitioning::None,
+                        (None, Some(k)) => {
+                            problems.push(format!("partition_key: {k:?} is neither twin_id nor none"));
+                            return None;
+                        }
+                    };
+                    return Some(EndpointTarget::EventHub {
+                        namespace,
+                        hub: entity,
+                        connection,
+                        partitioning,
+                    });
                 }
                 let kind = match self.entity_kind.as_deref() {
                     None => ServiceBusEntity::Topic,
@@ -527,7 +639,16 @@ impl EndpointSpec {
                         return None;
                     }
                 };
-                Some(EndpointTarget::ServiceBus { namespace, entity, kind, connection })
+                let session_id = match self.session_id.as_deref() {
+                    None => SessionIdFrom::None,
+                    Some(v) if v.eq_ignore_ascii_case("none") => SessionIdFrom::None,
+                    Some(v) if v.eq_ignore_ascii_case("twin_id") => SessionIdFrom::TwinId,
+                    Some(v) => {
+                        problems.push(format!("session_id: {v:?} is neither none nor twin_id"));
+                        return None;
+                    }
+                };
+                Some(EndpointTarget::ServiceBus { namespace, entity, kind, connection, session_id })
             }
             EndpointType::EventGrid => {
                 let url = required("topic_endpoint", &self.topic_endpoint, problems)
@@ -572,7 +693,16 @@ impl EndpointSpec {
                         }
                     }
                 };
-                Some(EndpointTarget::Blob { container_url: url? })
+                let format = match self.format.as_deref() {
+                    None => BlobFormat::Json,
+                    Some(f) if f.eq_ignore_ascii_case("json") => BlobFormat::Json,
+                    Some(f) if f.eq_ignore_ascii_case("ndjson") => BlobFormat::Ndjson,
+                    Some(f) => {
+                        problems.push(format!("format: {f:?} is neither json nor ndjson"));
+                        return None;
+                    }
+                };
+                Some(EndpointTarget::Blob { container_url: url?, format })
             }
             EndpointType::File => required("path", &self.path, problems)
                 .map(|p| EndpointTarget::File { path: PathBuf::from(p) }),
@@ -649,7 +779,8 @@ mod tests {
             EndpointTarget::EventHub {
                 namespace: "contoso.servicebus.windows.net".into(),
                 hub: "twins".into(),
-                connection: None
+                connection: None,
+                partitioning: Partitioning::TwinId,
             }
         );
         assert_eq!(e.identity, Some(Identity::UserAssigned { resource_id: UAMI.into() }));

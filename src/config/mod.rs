@@ -11,8 +11,9 @@ mod secret;
 
 pub use connection_string::ConnectionString;
 pub use endpoint::{
-    validate_endpoint_name, AuthenticationType, DeadLetter, EndpointConfig, EndpointSpec, EndpointTarget,
-    EndpointType, EventGridSchema, Identity, IdentitySpec, ServiceBusEntity,
+    validate_endpoint_name, AuthenticationType, BlobFormat, DeadLetter, EndpointConfig, EndpointSpec,
+    EndpointTarget, EndpointType, EventGridSchema, Identity, IdentitySpec, Partitioning, ServiceBusEntity,
+    SessionIdFrom,
 };
 pub use secret::Secret;
 

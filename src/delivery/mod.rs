@@ -31,11 +31,13 @@ pub struct Envelope {
     pub event: CloudEvent,
     /// When ingest accepted it, for delivery latency.
     pub received_at: Instant,
+    /// The same moment on the wall clock (UTC), for blob paths and dead-letter metadata.
+    pub accepted_at: time::OffsetDateTime,
 }
 
 impl Envelope {
     pub fn new(event: CloudEvent) -> Self {
-        Self { event, received_at: Instant::now() }
+        Self { event, received_at: Instant::now(), accepted_at: time::OffsetDateTime::now_utc() }
     }
 }
 
@@ -327,6 +329,7 @@ async fn run_worker(
     while queue.recv_many(&mut batch, MAX_BATCH_EVENTS).await > 0 {
         depth.set(queue.len() as f64);
         let mut attempt = 0u32;
+        let mut refreshed = false;
         loop {
             match sink.deliver(&batch).await {
                 DeliveryOutcome::Delivered => {
@@ -350,6 +353,14 @@ async fn run_worker(
                         .increment(n);
                     tracing::error!(endpoint = %name, events = n, %reason, "delivery refused permanently; events dropped");
                     break;
+                }
+                DeliveryOutcome::AuthFailure { reason } if !refreshed => {
+                    // Once per batch: fresh credentials, then straight back to it.
+                    refreshed = true;
+                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("twinroute_delivery_failures_total", "endpoint" => name.clone(), "reason" => "auth").increment(1);
+                    tracing::warn!(endpoint = %name, %reason, "delivery refused for credentials; refreshing them and retrying");
+                    sink.refresh_credentials().await;
                 }
                 outcome @ (DeliveryOutcome::Transient { .. } | DeliveryOutcome::AuthFailure { .. }) => {
                     let (label, health, reason, hint) = match outcome {

@@ -7,10 +7,13 @@
 //! skipping everything else without allocating. Strings without escapes are borrowed from the
 //! event.
 //!
-//! Semantics match `serde_json::Value` (what `CloudEvent::body` gives): when an object has the same
-//! member twice, the last one counts; integers are `i64` or `u64` when they fit and `f64`
-//! otherwise. The bytes were validated as JSON when the event was built; if they still do not scan
-//! (which would be a bug), the body counts as absent.
+//! Semantics match `serde_json::Value` (what `CloudEvent::body` gives) exactly: when an object has
+//! the same member twice, the last one counts; integers are `i64` or `u64` when they fit and `f64`
+//! otherwise, doubles parsed by serde_json. And where serde_json refuses text the event parsers
+//! let through (numbers beyond `f64` such as `1e400`, lone surrogate escapes, invalid UTF-8 in
+//! binary-mode data, nesting deeper than 127), `body()` gives no body, and so does the scanner,
+//! skipped parts included. It looks closely only at what can be refused: strings with escapes or
+//! non-ASCII bytes, numbers with an exponent or many digits.
 
 use serde_json::Value;
 use std::borrow::Cow;
@@ -124,7 +127,7 @@ impl PathTrie {
     /// Fills `slots` (one per slot number) from the JSON text `json`. Returns false, with every
     /// slot [`Slot::Missing`], when the text does not scan as JSON.
     pub fn extract<'a>(&self, json: &'a [u8], slots: &mut [Slot<'a>]) -> bool {
-        let mut scanner = Scanner { b: json, i: 0 };
+        let mut scanner = Scanner { b: json, i: 0, depth: 0 };
         let ok = scanner.value(self, 0, slots).is_ok() && {
             scanner.ws();
             scanner.i == json.len()
@@ -139,6 +142,10 @@ impl PathTrie {
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
+/// Deepest nesting of arrays and objects `serde_json` parses (its recursion limit); a deeper body
+/// is no body for `CloudEvent::body`, so it is none here either.
+const MAX_NESTING: usize = 127;
+
 /// Bit 7 of each byte of `word` that equals `byte` is set, and possibly bits of bytes after the
 /// first such byte (borrows), never before it: the lowest set bit is exact.
 #[inline]
@@ -147,12 +154,13 @@ fn bytes_equal(word: u64, byte: u8) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
-/// The closing quote of a string whose contents start at `start`, and whether it has escapes.
-/// Looks at eight bytes at a time for `"` or `\`.
+/// Where a string whose contents start at `start` ends (its closing quote), whether it has
+/// escapes, and whether it has non-ASCII bytes. Looks at eight bytes at a time for `"` or `\`.
 #[inline]
-fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool)> {
+fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool, bool)> {
     let mut j = start;
     let mut escaped = false;
+    let mut high = 0u64;
     loop {
         let word = b.get(j..j.saturating_add(8)).and_then(|chunk| <[u8; 8]>::try_from(chunk).ok());
         match word {
@@ -160,30 +168,36 @@ fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool)> {
                 let word = u64::from_le_bytes(chunk);
                 let found = bytes_equal(word, b'"') | bytes_equal(word, b'\\');
                 if found == 0 {
+                    high |= word;
                     j += 8;
                     continue;
                 }
-                j += (found.trailing_zeros() / 8) as usize;
+                let at = (found.trailing_zeros() / 8) as usize;
+                // The bytes before the quote or backslash.
+                high |= word & ((1u64 << (at * 8)) - 1);
+                j += at;
             }
             // Fewer than eight bytes left: one at a time.
-            None => {
-                while !matches!(b.get(j), Some(b'"' | b'\\')) {
-                    if j >= b.len() {
-                        return Err(Malformed);
+            None => loop {
+                match b.get(j) {
+                    None => return Err(Malformed),
+                    Some(b'"' | b'\\') => break,
+                    Some(&byte) => {
+                        high |= u64::from(byte);
+                        j += 1;
                     }
-                    j += 1;
                 }
-            }
+            },
         }
         if b[j] == b'"' {
-            return Ok((j, escaped));
+            return Ok((j, escaped, high & HIGHS != 0 || high & 0x80 != 0));
         }
         escaped = true;
         j += 2; // the backslash and the escaped byte (`\u` digits hold no quote or backslash)
     }
 }
 
-/// Scanning failed: the text is not JSON.
+/// Scanning failed: the text is not JSON `serde_json` would parse.
 struct Malformed;
 
 type Scan<T = ()> = Result<T, Malformed>;
@@ -191,6 +205,8 @@ type Scan<T = ()> = Result<T, Malformed>;
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
+    /// Arrays and objects open around the cursor.
+    depth: usize,
 }
 
 /// A string's contents as found in the text (between the quotes), and whether it has escapes.
@@ -259,10 +275,15 @@ impl<'a> Scanner<'a> {
 
     /// An object whose members may hold wanted paths.
     fn object(&mut self, trie: &PathTrie, node: usize, slots: &mut [Slot<'a>]) -> Scan {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err(Malformed);
+        }
         self.i += 1; // {
         self.ws();
         if self.peek()? == b'}' {
             self.i += 1;
+            self.depth -= 1;
             return Ok(());
         }
         loop {
@@ -281,6 +302,7 @@ impl<'a> Scanner<'a> {
                 b',' => self.i += 1,
                 b'}' => {
                     self.i += 1;
+                    self.depth -= 1;
                     return Ok(());
                 }
                 _ => return Err(Malformed),
@@ -311,33 +333,35 @@ impl<'a> Scanner<'a> {
         match self.peek()? {
             b'{' | b'[' => self.skip_container(),
             b'"' => self.string().map(drop),
-            // A literal or a number: only its length matters.
+            b't' | b'f' | b'n' => self.scalar().map(drop),
             _ => {
-                let rest = &self.b[self.i..];
-                let len = rest
-                    .iter()
-                    .position(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'-' | b'+' | b'.' | b'E'))
-                    .unwrap_or(rest.len());
-                if len == 0 {
-                    return Err(Malformed);
-                }
-                self.i += len;
+                self.i = skip_number(self.b, self.i)?;
                 Ok(())
             }
         }
     }
 
-    /// Skips a whole object or array, counting brackets outside strings.
+    /// Skips a whole object or array, counting brackets outside strings. Strings and numbers in
+    /// it are checked as `serde_json` would ([`checked_string_end`], [`skip_number`]).
     fn skip_container(&mut self) -> Scan {
         let mut depth = 0usize;
         let mut i = self.i;
         loop {
             match *self.b.get(i).ok_or(Malformed)? {
                 b'"' => {
-                    i = string_end(self.b, i + 1)?.0 + 1;
+                    i = checked_string_end(self.b, i + 1)? + 1;
                     continue;
                 }
-                b'{' | b'[' => depth += 1,
+                b'-' | b'0'..=b'9' => {
+                    i = skip_number(self.b, i)?;
+                    continue;
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    if self.depth + depth > MAX_NESTING {
+                        return Err(Malformed);
+                    }
+                }
                 b'}' | b']' => {
                     depth = depth.checked_sub(1).ok_or(Malformed)?;
                     if depth == 0 {
@@ -354,9 +378,11 @@ impl<'a> Scanner<'a> {
     /// A string at the cursor (on its opening quote); leaves the cursor after the closing quote.
     fn string(&mut self) -> Scan<RawStr> {
         let start = self.i + 1;
-        let (end, escaped) = string_end(self.b, start)?;
+        let (end, escaped, _) = string_end(self.b, start)?;
+        let raw = RawStr { start, end, escaped };
+        check_string(self.b, &raw, end)?;
         self.i = end + 1;
-        Ok(RawStr { start, end, escaped })
+        Ok(raw)
     }
 
     fn decode(&self, raw: &RawStr) -> Scan<Cow<'a, str>> {
@@ -375,10 +401,7 @@ impl<'a> Scanner<'a> {
             Some(b'f') if rest.starts_with(b"false") => (Slot::Bool(false), 5),
             Some(b'n') if rest.starts_with(b"null") => (Slot::Null, 4),
             _ => {
-                let len = rest
-                    .iter()
-                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .unwrap_or(rest.len());
+                let len = number_len(rest);
                 (number(&rest[..len])?, len)
             }
         };
@@ -387,8 +410,59 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// The closing quote of a string starting at `start`, the string checked like the strings the
+/// scanner reads ([`check_string`]).
+#[inline]
+fn checked_string_end(b: &[u8], start: usize) -> Scan<usize> {
+    let (end, escaped, non_ascii) = string_end(b, start)?;
+    if escaped || non_ascii {
+        check_string(b, &RawStr { start, end, escaped }, end)?;
+    }
+    Ok(end)
+}
+
+/// What `serde_json` refuses in a string and the event parsers let through: invalid UTF-8
+/// (binary-mode data) and escapes that are not characters (a lone surrogate such as `\ud800`).
+/// Only strings with escapes or non-ASCII bytes need a look.
+fn check_string(b: &[u8], raw: &RawStr, end: usize) -> Scan {
+    if raw.escaped {
+        // serde_json decodes (and so checks) escapes and UTF-8 together.
+        return serde_json::from_slice::<Cow<str>>(&b[raw.start - 1..=end]).map(drop).map_err(|_| Malformed);
+    }
+    let text = &b[raw.start..end];
+    if !text.is_ascii() {
+        std::str::from_utf8(text).map_err(|_| Malformed)?;
+    }
+    Ok(())
+}
+
+/// Bytes of the number at the start of `rest`.
+#[inline]
+fn number_len(rest: &[u8]) -> usize {
+    rest.iter()
+        .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .unwrap_or(rest.len())
+}
+
+/// Skips the number at `i`. One with an exponent or many digits may be beyond `f64`, which
+/// `serde_json` refuses (`1e400`): those are parsed to make sure.
+#[inline]
+fn skip_number(b: &[u8], i: usize) -> Scan<usize> {
+    let rest = &b[i..];
+    let len = number_len(rest);
+    if len == 0 {
+        return Err(Malformed);
+    }
+    let text = &rest[..len];
+    if len > 18 || text.iter().any(|c| matches!(c, b'e' | b'E')) {
+        number(text)?;
+    }
+    Ok(i + len)
+}
+
 /// A JSON number, as `serde_json::Value` holds it: `i64`, else `u64`, else `f64` (parsed by
-/// serde_json too, so both ways of reading a body give the same double).
+/// serde_json too, so both ways of reading a body give the same double and refuse the same
+/// numbers).
 fn number<'a>(text: &[u8]) -> Scan<Slot<'a>> {
     if text.is_empty() {
         return Err(Malformed);
@@ -536,16 +610,56 @@ mod tests {
 
     #[test]
     fn string_ends_at_every_alignment() {
-        let cases =
-            [("", false), ("abc", false), ("a\\\"b", true), ("0123456789abcdef\\\\", true), ("é€", false)];
+        let cases = [
+            ("", false, false),
+            ("abc", false, false),
+            ("a\\\"b", true, false),
+            ("0123456789abcdef\\\\", true, false),
+            ("é€", false, true),
+            ("0123456789é", false, true),
+        ];
         for prefix in 0..20 {
-            for (inner, escaped) in cases {
+            for (inner, escaped, non_ascii) in cases {
                 let text = format!("{}\"{inner}\"xyz", " ".repeat(prefix));
                 let found = string_end(text.as_bytes(), prefix + 1).ok();
-                assert_eq!(found, Some((prefix + 1 + inner.len(), escaped)), "{text}");
+                assert_eq!(found, Some((prefix + 1 + inner.len(), escaped, non_ascii)), "{text}");
             }
             let open = format!("{}\"abc\\\"", " ".repeat(prefix));
             assert!(string_end(open.as_bytes(), prefix + 1).is_err());
+        }
+    }
+
+    #[test]
+    fn refuses_what_serde_json_refuses_even_where_it_skips() {
+        let deep = |n: usize| format!("{{\"a\": 1, \"x\": {}{}}}", "[".repeat(n), "]".repeat(n));
+        let deep_object = |n: usize| format!("{}\"a\": 1{}", "{\"a\": ".repeat(n - 1) + "{", "}".repeat(n));
+        let cases: Vec<Vec<u8>> =
+            vec![
+                br#"{"a": 1, "x": [1e400]}"#.to_vec(),
+                br#"{"a": 1, "x": 1e400}"#.to_vec(),
+                br#"{"a": 1, "x": -123456789012345678901234567890e300}"#.to_vec(),
+                format!(r#"{{"a": 1, "x": [{}]}}"#, "9".repeat(400)).into_bytes(),
+                br#"{"a": 1, "x": ["\ud800"]}"#.to_vec(),
+                br#"{"a": 1, "\udc00": 2}"#.to_vec(),
+                b"{\"a\": 1, \"x\": \"\xff\"}".to_vec(),
+                b"{\"a\": 1, \"x\": {\"\xc3\": 1}}".to_vec(),
+                r#"{"a": 1, "x": 1e-400, "y": "\ud83d\ude00", "z": "é", "w": [18446744073709551616]}"#
+                    .as_bytes()
+                    .to_vec(),
+                deep(126).into_bytes(),
+                deep(127).into_bytes(),
+                deep_object(127).into_bytes(),
+                deep_object(128).into_bytes(),
+            ];
+        for json in cases {
+            let value = serde_json::from_slice::<Value>(&json).ok();
+            let mut trie = PathTrie::default();
+            trie.insert(&["a"]);
+            trie.finish();
+            let mut slots = vec![Slot::Missing];
+            let scanned = trie.extract(&json, &mut slots);
+            assert_eq!(scanned, value.is_some(), "{}", String::from_utf8_lossy(&json));
+            assert_eq!(slots[0] != Slot::Missing, value.is_some());
         }
     }
 

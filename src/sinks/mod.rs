@@ -2,12 +2,16 @@
 //! what goes on the wire, and one service that does the IO and *classifies* the result. Whether
 //! and when to retry is decided by the delivery workers, in one place, never by a sink.
 
+pub mod amqp;
+pub mod event_hubs;
 pub mod file;
 pub mod memory;
+pub mod service_bus;
 pub mod stdout;
 
 use crate::config::{EndpointConfig, EndpointTarget};
 use crate::delivery::Envelope;
+use crate::identity::{IdentityProvider, ManagedIdentityId, AUDIENCE_EVENT_HUBS, AUDIENCE_SERVICE_BUS};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +37,12 @@ pub trait Sink: Send + Sync + 'static {
     /// Delivers a batch (one or more events, in queue order).
     async fn deliver(&self, batch: &[Arc<Envelope>]) -> DeliveryOutcome;
 
-    /// Makes delivered data durable where the sink buffers it (files); called before shutdown.
+    /// After an [`DeliveryOutcome::AuthFailure`]: get fresh credentials (a forced token refresh)
+    /// before the next attempt. Sinks without refreshable credentials do nothing.
+    async fn refresh_credentials(&self) {}
+
+    /// Makes delivered data durable where the sink buffers it (files) and closes connections;
+    /// called when the endpoint's worker stops.
     async fn flush(&self) -> std::io::Result<()> {
         Ok(())
     }
@@ -48,6 +57,8 @@ pub enum SinkBuildError {
     Unsupported { endpoint: String, endpoint_type: String },
     #[error("endpoint {endpoint}: {source}")]
     Io { endpoint: String, source: std::io::Error },
+    #[error("endpoint {endpoint}: {reason}")]
+    Invalid { endpoint: String, reason: String },
 }
 
 /// Makes the sink for each endpoint. The daemon uses [`DefaultSinkFactory`]; tests and embedders
@@ -60,14 +71,56 @@ pub trait SinkFactory: Send + Sync + 'static {
     async fn build(&self, endpoint: &EndpointConfig) -> Result<Arc<dyn Sink>, SinkBuildError>;
 }
 
-/// The sinks of this build.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct DefaultSinkFactory;
+/// The sinks of this build. Identity-based endpoints get their credentials from `identity`.
+#[derive(Debug, Clone)]
+pub struct DefaultSinkFactory {
+    identity: Arc<IdentityProvider>,
+}
+
+impl DefaultSinkFactory {
+    pub fn new(identity: Arc<IdentityProvider>) -> Self {
+        Self { identity }
+    }
+
+    /// The AMQP credentials of an Event Hubs / Service Bus endpoint.
+    fn amqp_auth(
+        &self,
+        endpoint: &EndpointConfig,
+        connection: Option<&crate::config::ConnectionString>,
+        audience: &'static str,
+    ) -> Result<amqp::AmqpAuth, SinkBuildError> {
+        match (&endpoint.identity, connection) {
+            (Some(identity), _) => {
+                let credential =
+                    self.identity.credential(&ManagedIdentityId::from(identity)).map_err(|e| {
+                        SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason: e.message }
+                    })?;
+                Ok(amqp::AmqpAuth::Identity { credential, audience })
+            }
+            (None, Some(connection)) => Ok(amqp::AmqpAuth::Sas { connection: connection.clone() }),
+            (None, None) => Err(SinkBuildError::Invalid {
+                endpoint: endpoint.name.clone(),
+                reason: "neither an identity nor a connection string".into(),
+            }),
+        }
+    }
+
+    /// The identity provider sinks take credentials from.
+    pub fn identity(&self) -> &Arc<IdentityProvider> {
+        &self.identity
+    }
+}
 
 #[async_trait]
 impl SinkFactory for DefaultSinkFactory {
     fn supports(&self, endpoint: &EndpointConfig) -> bool {
-        matches!(endpoint.target, EndpointTarget::File { .. } | EndpointTarget::Stdout)
+        matches!(
+            endpoint.target,
+            EndpointTarget::File { .. }
+                | EndpointTarget::Stdout
+                | EndpointTarget::EventHub { .. }
+                | EndpointTarget::ServiceBus { .. }
+        )
     }
 
     async fn build(&self, endpoint: &EndpointConfig) -> Result<Arc<dyn Sink>, SinkBuildError> {
@@ -77,6 +130,18 @@ impl SinkFactory for DefaultSinkFactory {
                 .map(|s| Arc::new(s) as Arc<dyn Sink>)
                 .map_err(|source| SinkBuildError::Io { endpoint: endpoint.name.clone(), source }),
             EndpointTarget::Stdout => Ok(Arc::new(stdout::StdoutSink::new())),
+            EndpointTarget::EventHub { connection, .. } => {
+                let auth = self.amqp_auth(endpoint, connection.as_ref(), AUDIENCE_EVENT_HUBS)?;
+                event_hubs::EventHubsSink::new(endpoint, auth)
+                    .map(|s| Arc::new(s) as Arc<dyn Sink>)
+                    .map_err(|reason| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason })
+            }
+            EndpointTarget::ServiceBus { connection, .. } => {
+                let auth = self.amqp_auth(endpoint, connection.as_ref(), AUDIENCE_SERVICE_BUS)?;
+                service_bus::ServiceBusSink::new(endpoint, auth)
+                    .map(|s| Arc::new(s) as Arc<dyn Sink>)
+                    .map_err(|reason| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason })
+            }
             _ => Err(SinkBuildError::Unsupported {
                 endpoint: endpoint.name.clone(),
                 endpoint_type: endpoint.endpoint_type.to_string(),

@@ -1,0 +1,432 @@
+//! One AMQP sender for Event Hubs and Service Bus (they speak the same AMQP): a connection, a
+//! session and claims-based authorization reused across sends, a sender link per target, all
+//! re-established after a drop; tokens from the endpoint's managed identity (CBS type `jwt`) or SAS
+//! tokens signed from its connection string (type `servicebus.windows.net:sastoken`), put again
+//! before they expire.
+
+pub mod message;
+
+use crate::config::ConnectionString;
+use crate::identity::sas::{self, DEFAULT_SAS_VALIDITY, SAS_TOKEN_TYPE};
+use crate::identity::{provider::required_role, CachedCredential, Token};
+use crate::sinks::DeliveryOutcome;
+use azure_core_amqp::{
+    AmqpClaimsBasedSecurity, AmqpClaimsBasedSecurityApis, AmqpConnection, AmqpConnectionApis,
+    AmqpConnectionOptions, AmqpError, AmqpMessage, AmqpSendOptions, AmqpSendOutcome, AmqpSender,
+    AmqpSenderApis, AmqpSession, AmqpSessionApis,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Authorization is put again when the token in force expires within this margin.
+const REAUTHORIZE_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
+/// How long one AMQP operation (open, attach, put-token, send) may take before it counts as failed.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Event Hubs and Service Bus ask clients to back off this long when they answer "server busy".
+const SERVER_BUSY_BACKOFF: Duration = Duration::from_secs(4);
+/// Used when a link does not say its maximum message size.
+const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
+
+/// How an endpoint authenticates on AMQP.
+#[derive(Clone)]
+pub enum AmqpAuth {
+    /// A managed identity's tokens for `audience` (`https://eventhubs.azure.net/`, ...).
+    Identity { credential: CachedCredential, audience: &'static str },
+    /// SAS tokens signed locally from a connection string.
+    Sas { connection: ConnectionString },
+}
+
+impl fmt::Debug for AmqpAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AmqpAuth::Identity { audience, .. } => write!(f, "Identity({audience})"),
+            AmqpAuth::Sas { connection } => write!(f, "Sas({})", connection.key_name),
+        }
+    }
+}
+
+/// Which service, for messages naming the role an identity needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    EventHubs,
+    ServiceBus,
+}
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone)]
+pub struct AmqpTargetConfig {
+    /// The endpoint's name, for messages.
+    pub endpoint: String,
+    pub service: Service,
+    /// `<namespace>.servicebus.windows.net`: the AMQP host name, whatever the socket connects to.
+    pub namespace: String,
+    /// The hub, queue or topic.
+    pub entity: String,
+    /// Connect here instead of `amqps://<namespace>:5671` (`amqp://` is plain TCP): local stand-ins,
+    /// emulators, proxies.
+    pub custom_endpoint: Option<url::Url>,
+    pub auth: AmqpAuth,
+}
+
+/// An open connection with what hangs off it.
+struct Connected {
+    connection: AmqpConnection,
+    session: AmqpSession,
+    cbs: AmqpClaimsBasedSecurity,
+    /// Sender links by target address.
+    senders: HashMap<String, (AmqpSender, u64)>,
+    /// The token in force on this connection and its expiry.
+    authorized: Option<(Token, OffsetDateTime)>,
+}
+
+/// Why an AMQP operation failed, classified.
+#[derive(Debug)]
+enum Failure {
+    Auth(String),
+    Permanent(String),
+    Transient(String, Option<Duration>),
+}
+
+impl From<Failure> for DeliveryOutcome {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Auth(reason) => DeliveryOutcome::AuthFailure { reason },
+            Failure::Permanent(reason) => DeliveryOutcome::Permanent { reason },
+            Failure::Transient(reason, after) => DeliveryOutcome::Transient { reason, after },
+        }
+    }
+}
+
+/// An AMQP client for one entity of one namespace.
+pub struct AmqpClient {
+    config: AmqpTargetConfig,
+    /// One operation at a time: the delivery worker is sequential, and the lock makes
+    /// (re)connecting and authorizing happen once.
+    state: tokio::sync::Mutex<Option<Connected>>,
+}
+
+impl fmt::Debug for AmqpClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpClient").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+async fn timed<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, AmqpError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {OPERATION_TIMEOUT:?}")),
+    }
+}
+
+impl AmqpClient {
+    pub fn new(config: AmqpTargetConfig) -> Self {
+        Self { config, state: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn config(&self) -> &AmqpTargetConfig {
+        &self.config
+    }
+
+    fn where_(&self) -> String {
+        format!("{}/{}", self.config.namespace, self.config.entity)
+    }
+
+    /// The role an identity needs here, for messages.
+    fn role_hint(&self) -> String {
+        match &self.config.auth {
+            AmqpAuth::Identity { audience, .. } => format!(
+                "endpoint {}: the identity lacks {} on {} (or the token was refused)",
+                self.config.endpoint,
+                required_role(audience),
+                self.where_()
+            ),
+            AmqpAuth::Sas { connection } => format!(
+                "endpoint {}: the SAS key {:?} was refused by {} (wrong or rotated key, or no Send right)",
+                self.config.endpoint,
+                connection.key_name,
+                self.where_()
+            ),
+        }
+    }
+
+    /// The CBS audience path of the entity, and the token to put for it.
+    async fn token(&self) -> Result<(String, Option<String>, Token), Failure> {
+        let ns = &self.config.namespace;
+        let entity = &self.config.entity;
+        match &self.config.auth {
+            AmqpAuth::Identity { credential, audience } => {
+                let token = credential.token(audience).await.map_err(|e| {
+                    Failure::Transient(format!("endpoint {}: no token: {e}", self.config.endpoint), None)
+                })?;
+                Ok((format!("amqps://{ns}/{entity}"), None, token))
+            }
+            AmqpAuth::Sas { connection } => {
+                let token = sas::for_entity(connection, entity, DEFAULT_SAS_VALIDITY);
+                Ok((format!("sb://{ns}/{entity}"), Some(SAS_TOKEN_TYPE.to_owned()), token))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Connected, Failure> {
+        let connection = AmqpConnection::new();
+        let url = url::Url::parse(&format!("amqps://{}", self.config.namespace))
+            .map_err(|e| Failure::Permanent(format!("namespace {}: {e}", self.config.namespace)))?;
+        let options = AmqpConnectionOptions {
+            custom_endpoint: self.config.custom_endpoint.clone(),
+            ..Default::default()
+        };
+        let name = format!("twinroute-{}-{}", self.config.endpoint, uuid::Uuid::new_v4());
+        timed("opening the AMQP connection", connection.open(name, url, Some(options)))
+            .await
+            .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
+        let session = AmqpSession::new();
+        timed("beginning the AMQP session", session.begin(&connection, None))
+            .await
+            .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
+        let cbs = AmqpClaimsBasedSecurity::new(session.clone())
+            .map_err(|e| Failure::Transient(format!("{}: CBS: {e}", self.where_()), None))?;
+        timed("attaching to $cbs", cbs.attach())
+            .await
+            .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
+        Ok(Connected { connection, session, cbs, senders: HashMap::new(), authorized: None })
+    }
+
+    /// Puts a token unless the one in force is still good for a while (or `force`).
+    async fn authorize(&self, connected: &mut Connected, force: bool) -> Result<(), Failure> {
+        let fresh_enough = connected.authorized.as_ref().is_some_and(|(_, expires)| {
+            *expires - OffsetDateTime::now_utc()
+                > time::Duration::try_from(REAUTHORIZE_BEFORE_EXPIRY).unwrap_or_default()
+        });
+        if fresh_enough && !force {
+            return Ok(());
+        }
+        let (path, token_type, token) = self.token().await?;
+        let secret = azure_core::credentials::Secret::new(token.secret.expose().to_owned());
+        let put =
+            timed("put-token", connected.cbs.authorize_path(path, token_type, &secret, token.expires_on))
+                .await;
+        match put {
+            Ok(()) => {
+                connected.authorized = Some((token.clone(), token.expires_on));
+                Ok(())
+            }
+            Err(e) if looks_unauthorized(&e) => {
+                Err(Failure::Auth(format!("{}: {}", self.role_hint(), redact(&e))))
+            }
+            Err(e) => Err(Failure::Transient(format!("{}: {}", self.where_(), redact(&e)), None)),
+        }
+    }
+
+    /// After an auth failure: a fresh token (forced past the cache) on the next send.
+    pub async fn refresh_credentials(&self) {
+        let mut state = self.state.lock().await;
+        let held = state.as_mut().and_then(|c| c.authorized.take());
+        if let (AmqpAuth::Identity { credential, audience }, Some((token, _))) = (&self.config.auth, held) {
+            if let Err(e) = credential.cache().force_refresh(audience, &token).await {
+                tracing::warn!(endpoint = %self.config.endpoint, error = %e, "forced token refresh failed");
+            }
+        }
+    }
+
+    /// The sender for `target`, attached on first use; with the link's maximum message size.
+    async fn sender<'a>(
+        &self,
+        connected: &'a mut Connected,
+        target: &str,
+    ) -> Result<(&'a AmqpSender, u64), Failure> {
+        if !connected.senders.contains_key(target) {
+            let sender = AmqpSender::new();
+            let address = format!("amqps://{}/{}", self.config.namespace, target);
+            let name = format!("twinroute-sender-{}", uuid::Uuid::new_v4());
+            timed("attaching the sender", sender.attach(&connected.session, name, address, None))
+                .await
+                .map_err(|e| classify_text(&e, &self.role_hint(), &self.where_()))?;
+            let max = sender
+                .max_message_size()
+                .await
+                .ok()
+                .flatten()
+                .filter(|&m| m > 0)
+                .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+            connected.senders.insert(target.to_owned(), (sender, max));
+        }
+        let (sender, max) = connected.senders.get(target).expect("inserted above");
+        Ok((sender, *max))
+    }
+
+    /// The maximum message size of `target`'s link (connecting if needed).
+    pub async fn max_message_size(&self, target: &str) -> Result<u64, DeliveryOutcome> {
+        let mut state = self.state.lock().await;
+        let connected = self.ready(&mut state).await.map_err(DeliveryOutcome::from)?;
+        match self.sender(connected, target).await {
+            Ok((_, max)) => Ok(max),
+            Err(f) => {
+                *state = None;
+                Err(f.into())
+            }
+        }
+    }
+
+    async fn ready<'a>(&self, state: &'a mut Option<Connected>) -> Result<&'a mut Connected, Failure> {
+        if state.is_none() {
+            *state = Some(self.connect().await?);
+        }
+        let connected = state.as_mut().expect("connected above");
+        if let Err(f) = self.authorize(connected, false).await {
+            *state = None;
+            return Err(f);
+        }
+        Ok(state.as_mut().expect("still connected"))
+    }
+
+    /// Sends one message (a batch when `batch`) to `target` (`<entity>` or
+    /// `<hub>/Partitions/<id>`), classifying the outcome. Any failure other than a refusal of
+    /// the message itself drops the connection, so the next send starts clean.
+    pub async fn send(&self, target: &str, message: AmqpMessage, batch: bool) -> DeliveryOutcome {
+        let mut state = self.state.lock().await;
+        let connected = match self.ready(&mut state).await {
+            Ok(c) => c,
+            Err(f) => return f.into(),
+        };
+        let sender = match self.sender(connected, target).await {
+            Ok((s, _)) => s,
+            Err(f) => {
+                *state = None;
+                return f.into();
+            }
+        };
+        let options = AmqpSendOptions {
+            message_format: batch.then_some(message::BATCH_MESSAGE_FORMAT),
+            ..Default::default()
+        };
+        let outcome = timed("sending", sender.send(message, Some(options))).await;
+        match outcome {
+            Ok(AmqpSendOutcome::Accepted) => DeliveryOutcome::Delivered,
+            Ok(AmqpSendOutcome::Rejected(error)) => {
+                let (condition, description) = match &error {
+                    Some(e) => (e.condition.to_string(), e.description.clone().unwrap_or_default()),
+                    None => ("(none)".to_owned(), String::new()),
+                };
+                classify_condition(&condition, &description, &self.role_hint(), &self.where_()).into()
+            }
+            Ok(AmqpSendOutcome::Released) | Ok(AmqpSendOutcome::Modified(_)) => DeliveryOutcome::Transient {
+                reason: format!("{}: the service released the message", self.where_()),
+                after: None,
+            },
+            Err(e) => {
+                // The link or connection is in doubt: start over next time.
+                if let Some(old) = state.take() {
+                    tokio::spawn(async move {
+                        let _ = old.connection.close().await;
+                    });
+                }
+                classify_text(&e, &self.role_hint(), &self.where_()).into()
+            }
+        }
+    }
+
+    /// Closes the connection (at shutdown).
+    pub async fn close(&self) {
+        if let Some(c) = self.state.lock().await.take() {
+            for (_, (sender, _)) in c.senders {
+                let _ = tokio::time::timeout(Duration::from_secs(5), sender.detach()).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.cbs.detach()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.session.end()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.connection.close()).await;
+        }
+    }
+}
+
+/// Drops anything that looks like a token from an error text (SAS tokens, JWTs).
+fn redact(text: &str) -> String {
+    text.split_whitespace()
+        .map(|w| {
+            if w.contains("sig=") || w.starts_with("eyJ") || w.contains("SharedAccessSignature") {
+                "[redacted]"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn looks_unauthorized(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("401") || t.contains("unauthorized") || t.contains("unauthorised") || t.contains("forbidden")
+}
+
+/// Classifies an AMQP error condition of a refused message.
+fn classify_condition(condition: &str, description: &str, role_hint: &str, where_: &str) -> Failure {
+    let detail =
+        if description.is_empty() { condition.to_owned() } else { format!("{condition}: {description}") };
+    match condition {
+        "com.microsoft:server-busy" => {
+            Failure::Transient(format!("{where_}: {detail}"), Some(SERVER_BUSY_BACKOFF))
+        }
+        "amqp:unauthorized-access" => Failure::Auth(format!("{role_hint}: {detail}")),
+        "amqp:not-found" | "com.microsoft:entity-disabled" | "amqp:not-allowed" | "amqp:not-implemented" => {
+            Failure::Permanent(format!("{where_}: {detail}"))
+        }
+        "amqp:link:message-size-exceeded" | "amqp:decode-error" | "amqp:invalid-field" => Failure::Permanent(
+            format!("{where_}: the message was refused as malformed or too large: {detail}"),
+        ),
+        _ => Failure::Transient(format!("{where_}: {detail}"), None),
+    }
+}
+
+/// Classifies an error from opening, attaching or sending, by the condition it names.
+fn classify_text(error: &str, role_hint: &str, where_: &str) -> Failure {
+    let text = redact(error);
+    for condition in [
+        "com.microsoft:server-busy",
+        "amqp:unauthorized-access",
+        "amqp:not-found",
+        "com.microsoft:entity-disabled",
+        "amqp:link:message-size-exceeded",
+    ] {
+        if text.contains(condition) || text.contains(&condition.replace("amqp:", "").replace('-', "")) {
+            return classify_condition(condition, &text, role_hint, where_);
+        }
+    }
+    if looks_unauthorized(&text) {
+        return Failure::Auth(format!("{role_hint}: {text}"));
+    }
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("notfound") || lower.contains("not found") {
+        return Failure::Permanent(format!("{where_}: the entity was not found: {text}"));
+    }
+    Failure::Transient(format!("{where_}: {text}"), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_map_to_outcome_classes() {
+        let c = |cond: &str| classify_condition(cond, "", "role", "ns/hub");
+        assert!(
+            matches!(c("com.microsoft:server-busy"), Failure::Transient(_, Some(d)) if d == SERVER_BUSY_BACKOFF)
+        );
+        assert!(matches!(c("amqp:unauthorized-access"), Failure::Auth(_)));
+        assert!(matches!(c("amqp:not-found"), Failure::Permanent(_)));
+        assert!(matches!(c("amqp:link:message-size-exceeded"), Failure::Permanent(_)));
+        assert!(matches!(c("amqp:internal-error"), Failure::Transient(_, None)));
+        assert!(matches!(classify_text("put-token: status 401 Unauthorized", "role", "x"), Failure::Auth(_)));
+        assert!(matches!(classify_text("connection refused", "role", "x"), Failure::Transient(..)));
+    }
+
+    #[test]
+    fn tokens_are_redacted_from_error_texts() {
+        let text = redact("refused SharedAccessSignature sr=a&sig=b&se=1 and eyJhbGciOi.x.y too");
+        assert!(!text.contains("sig=") && !text.contains("eyJ"), "{text}");
+    }
+}
