@@ -44,6 +44,56 @@ pub struct ShutdownReport {
     pub input: Option<NdjsonReport>,
 }
 
+/// Stand-ins started in-process (`[standins]`), kept alive for the daemon's life.
+#[derive(Default)]
+struct Standins {
+    imds: Option<twinroute_emulator::imds::ImdsStandIn>,
+    amqp: Option<twinroute_emulator::amqp::AmqpStandIn>,
+}
+
+async fn start_standins(config: &crate::config::StandinsConfig) -> Result<Standins, StartError> {
+    let mut standins = Standins::default();
+    if let Some(listen) = &config.imds_listen {
+        let addr = listen.parse().map_err(|e| StartError::Bind {
+            what: "IMDS stand-in",
+            key: "standins.imds_listen",
+            addr: listen.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let imds = twinroute_emulator::imds::ImdsStandIn::start_on(addr, Default::default()).await.map_err(
+            |source| StartError::Bind {
+                what: "IMDS stand-in",
+                key: "standins.imds_listen",
+                addr: listen.clone(),
+                source,
+            },
+        )?;
+        tracing::info!(token_url = %imds.token_url(), "IMDS stand-in started (development only)");
+        standins.imds = Some(imds);
+    }
+    if let Some(listen) = &config.amqp_listen {
+        let bind_error = |source| StartError::Bind {
+            what: "Event Hubs / Service Bus stand-in",
+            key: "standins.amqp_listen",
+            addr: listen.clone(),
+            source,
+        };
+        let addr = listen
+            .parse()
+            .map_err(|e| bind_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        let amqp = twinroute_emulator::amqp::AmqpStandIn::start_on(addr, Default::default())
+            .await
+            .map_err(bind_error)?;
+        tracing::info!(
+            endpoint = %amqp.endpoint(),
+            namespace = twinroute_emulator::amqp::DEFAULT_NAMESPACE,
+            "Event Hubs / Service Bus stand-in started (development only)"
+        );
+        standins.amqp = Some(amqp);
+    }
+    Ok(standins)
+}
+
 /// A started daemon.
 pub struct Running {
     /// Where ingest listens (`None` in `--input` mode).
@@ -57,6 +107,8 @@ pub struct Running {
     servers: Vec<JoinHandle<()>>,
     sources: Vec<JoinHandle<()>>,
     input: Option<JoinHandle<std::io::Result<NdjsonReport>>>,
+    /// In-process stand-ins; dropped (stopped) after everything else.
+    _standins: Standins,
 }
 
 async fn bind(
@@ -87,11 +139,40 @@ fn serve(
     })
 }
 
+/// Logs, every `period`, what each endpoint delivered since the last line, and any endpoint that
+/// is not healthy: a heartbeat an operator (or a newcomer running the demo) can read.
+async fn summarize(dispatcher: Arc<Dispatcher>, period: Duration) {
+    use std::sync::atomic::Ordering;
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    let mut ticker = tokio::time::interval(period);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let snapshot = dispatcher.snapshot();
+        for (name, handle) in &snapshot.endpoints {
+            let delivered = handle.stats.delivered.load(Ordering::Relaxed);
+            let before = last.insert(name.clone(), delivered).unwrap_or(0);
+            let (health, reason) = handle.stats.health();
+            if delivered > before || health != crate::delivery::Health::Healthy {
+                tracing::info!(
+                    endpoint = %name,
+                    delivered = delivered.saturating_sub(before),
+                    queued = handle.queue_len(),
+                    health = ?health,
+                    reason = reason.as_deref().unwrap_or(""),
+                    "endpoint summary"
+                );
+            }
+        }
+    }
+}
+
 impl Running {
     /// Starts everything the configuration describes.
     pub async fn start(config: Config, options: RunOptions) -> Result<Running, StartError> {
         // Metric handles bind to the recorder present when they are made: install it first.
         crate::telemetry::prometheus();
+        let standins = start_standins(&config.standins).await?;
         let identity = Arc::new(IdentityProvider::new(&config.identity, options.imds_transport.clone()));
         let factory =
             options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory::new(identity.clone())));
@@ -155,6 +236,10 @@ impl Running {
                 }));
             }
         }
+        if config.log.summary_interval_seconds > 0 {
+            let period = Duration::from_secs(config.log.summary_interval_seconds);
+            sources.push(tokio::spawn(summarize(dispatcher.clone(), period)));
+        }
         let routes = control.routes().await.len();
         let endpoints = control.endpoints().await.len();
         tracing::info!(config = %config.origin, routes, endpoints, "twinroute started");
@@ -168,6 +253,7 @@ impl Running {
             servers,
             sources,
             input,
+            _standins: standins,
         })
     }
 

@@ -11,15 +11,20 @@
 //!   ([`imds::ImdsStandIn`]), with fault injection (status codes, `Retry-After`, delays, dropped
 //!   connections, a 410 "updating" window, outages), request counts, and an HTTP admin surface
 //!   under `/_standin/` for out-of-process use.
-//! - `src/main.rs`: the `twinroute-standins` binary, which runs a stand-in until Ctrl-C
-//!   (`twinroute-standins imds --listen 127.0.0.1:40342`).
-//!
-//! An AMQP 1.0 stand-in for Event Hubs and Service Bus is to join as a sibling module (`amqp`),
-//! verifying the tokens the IMDS stand-in issues with [`jwt::verify`] and [`DEV_SIGNING_KEY`].
+//! - [`amqp`]: Event Hubs and Service Bus over AMQP 1.0 ([`amqp::AmqpStandIn`]): CBS put-token
+//!   checked against the tokens the IMDS stand-in issues ([`jwt::verify`], [`DEV_SIGNING_KEY`])
+//!   and shared access signatures, `$management` READ, senders, batches, partition and queue
+//!   readers, fault injection, and an HTTP admin surface under `/_standin/`. The official Rust
+//!   clients (`azure_messaging_eventhubs`, `azure_core_amqp`) work against it unchanged.
+//! - `src/main.rs`: the `twinroute-standins` binary, which runs stand-ins until Ctrl-C
+//!   (`twinroute-standins imds --listen 127.0.0.1:40342`, `twinroute-standins amqp`,
+//!   `twinroute-standins all`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod amqp;
+pub mod eventgrid;
 pub mod imds;
 pub mod jwt;
 

@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use twinroute::event::{parse_structured, CloudEvent};
-use twinroute::filter::Filter;
+use twinroute::filter::{Filter, MAX_FILTER_LEN};
 use twinroute::routing::{Route, RouteTable};
 
 fn events() -> &'static [CloudEvent] {
@@ -35,13 +35,14 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(filter) => {
             let canonical = filter.to_string();
-            let again = Filter::parse(&canonical).expect("canonical text parses");
-            assert_eq!(again.expr(), filter.expr(), "canonical text {canonical:?} of {text:?}");
-            let table = RouteTable::new(vec![Route {
-                id: "r".into(),
-                endpoint: "e".into(),
-                filter: filter.clone(),
-            }]);
+            // Canonical spacing and number forms can make a text near the length limit longer
+            // than the limit (`a=1e9` is `a = 1000000000.0`); nesting never grows.
+            if canonical.len() <= MAX_FILTER_LEN {
+                let again = Filter::parse(&canonical).expect("canonical text parses");
+                assert_eq!(again.expr(), filter.expr(), "canonical text {canonical:?} of {text:?}");
+            }
+            let table =
+                RouteTable::new(vec![Route { id: "r".into(), endpoint: "e".into(), filter: filter.clone() }]);
             for event in events() {
                 let matched = filter.matches(event);
                 assert_eq!(filter.matches(&event.clone()), matched);

@@ -388,8 +388,21 @@ impl EndpointSpec {
                 "connection_string",
                 "connection_string_secondary",
                 "dead_letter_secret",
+                "partition_key",
+                "partition_id",
+                "custom_endpoint",
+                "ca_file",
             ],
-            (EndpointType::EventHub, true) => &["endpoint_uri", "entity_path", "identity", "dead_letter_uri"],
+            (EndpointType::EventHub, true) => &[
+                "endpoint_uri",
+                "entity_path",
+                "identity",
+                "dead_letter_uri",
+                "partition_key",
+                "partition_id",
+                "custom_endpoint",
+                "ca_file",
+            ],
             (EndpointType::ServiceBus, false) => &[
                 "endpoint_uri",
                 "entity_path",
@@ -397,15 +410,27 @@ impl EndpointSpec {
                 "connection_string",
                 "connection_string_secondary",
                 "dead_letter_secret",
+                "session_id",
+                "custom_endpoint",
+                "ca_file",
             ],
-            (EndpointType::ServiceBus, true) => {
-                &["endpoint_uri", "entity_path", "entity_kind", "identity", "dead_letter_uri"]
-            }
+            (EndpointType::ServiceBus, true) => &[
+                "endpoint_uri",
+                "entity_path",
+                "entity_kind",
+                "identity",
+                "dead_letter_uri",
+                "session_id",
+                "custom_endpoint",
+                "ca_file",
+            ],
             (EndpointType::EventGrid, _) => {
-                &["topic_endpoint", "access_key1", "access_key2", "schema", "dead_letter_secret"]
+                &["topic_endpoint", "access_key1", "access_key2", "schema", "dead_letter_secret", "ca_file"]
             }
-            (EndpointType::Blob, false) => &["container_sas_url", "dead_letter_secret"],
-            (EndpointType::Blob, true) => &["container_url", "identity", "dead_letter_uri"],
+            (EndpointType::Blob, false) => &["container_sas_url", "dead_letter_secret", "format", "ca_file"],
+            (EndpointType::Blob, true) => {
+                &["container_url", "identity", "dead_letter_uri", "format", "ca_file"]
+            }
             (EndpointType::File, _) => &["path"],
             (EndpointType::Stdout, _) => &[],
         };

@@ -136,11 +136,13 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter (`info`, `twinroute=debug,info`); `RUST_LOG` overrides it.
     pub level: String,
+    /// Every this many seconds, one line per endpoint that delivered or is failing (0: never).
+    pub summary_interval_seconds: u64,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Human, level: "info".into() }
+        Self { format: LogFormat::Human, level: "info".into(), summary_interval_seconds: 10 }
     }
 }
 
@@ -231,6 +233,18 @@ impl Default for IdentityConfig {
             arc_key_directory: crate::identity::sources::ARC_KEY_DIRECTORY.to_owned(),
         }
     }
+}
+
+/// `[standins]`: local stand-ins for Azure services started inside the daemon, so the demo and
+/// development setups need no Azure account. Each is started when its address is set; point
+/// `identity.imds_endpoint` and endpoints' `custom_endpoint` at them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct StandinsConfig {
+    /// The IMDS stand-in's address (e.g. `127.0.0.1:40342`).
+    pub imds_listen: Option<String>,
+    /// The Event Hubs / Service Bus AMQP stand-in's address (e.g. `127.0.0.1:5672`).
+    pub amqp_listen: Option<String>,
 }
 
 /// A route as written in `[routes.<id>]`, or sent to `PUT /eventroutes/<id>`.
@@ -333,6 +347,7 @@ pub struct Config {
     pub log: LogConfig,
     pub delivery: DeliveryConfig,
     pub identity: IdentityConfig,
+    pub standins: StandinsConfig,
     pub endpoints: BTreeMap<String, EndpointConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub sources: BTreeMap<String, SourceConfig>,
@@ -340,8 +355,18 @@ pub struct Config {
     pub origin: String,
 }
 
-const TOP_LEVEL_KEYS: [&str; 9] =
-    ["state_dir", "ingest", "admin", "log", "delivery", "identity", "endpoints", "routes", "sources"];
+const TOP_LEVEL_KEYS: [&str; 10] = [
+    "state_dir",
+    "ingest",
+    "admin",
+    "log",
+    "delivery",
+    "identity",
+    "standins",
+    "endpoints",
+    "routes",
+    "sources",
+];
 
 /// Deserializes one section, reporting unknown keys and type errors with their full path.
 fn section<T: DeserializeOwned + Default>(
@@ -454,6 +479,19 @@ impl Config {
         let log: LogConfig = section("log", top.get("log"), &mut problems);
         let delivery: DeliveryConfig = section("delivery", top.get("delivery"), &mut problems);
         let identity: IdentityConfig = section("identity", top.get("identity"), &mut problems);
+        let standins: StandinsConfig = section("standins", top.get("standins"), &mut problems);
+        for (key, listen) in
+            [("standins.imds_listen", &standins.imds_listen), ("standins.amqp_listen", &standins.amqp_listen)]
+        {
+            if let Some(listen) = listen {
+                match listen.parse::<SocketAddr>() {
+                    Ok(a) if a.ip().is_loopback() => {}
+                    Ok(_) => problems
+                        .push(format!("{key}: {listen:?}: stand-ins listen on loopback addresses only")),
+                    Err(_) => problems.push(format!("{key}: {listen:?} is not an address:port")),
+                }
+            }
+        }
         match url::Url::parse(&identity.imds_endpoint) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             _ => problems.push(format!(
@@ -540,6 +578,7 @@ impl Config {
             log,
             delivery,
             identity,
+            standins,
             endpoints,
             routes,
             sources,

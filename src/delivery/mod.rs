@@ -12,7 +12,7 @@ use crate::routing::{Route, RouteTable};
 use crate::sinks::{DeliveryOutcome, Sink, SinkBuildError, SinkFactory};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -54,29 +54,46 @@ pub enum Health {
 }
 
 /// Counters and state of one endpoint, read by the admin API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EndpointStats {
     pub queued: AtomicU64,
     pub delivered: AtomicU64,
     pub failed_attempts: AtomicU64,
     pub dropped: AtomicU64,
-    health: AtomicU8,
-    reason: Mutex<Option<String>>,
+    /// Health and its reason; a watch so tests and the admin API can wait for a change.
+    health: tokio::sync::watch::Sender<(Health, Option<String>)>,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        Self {
+            queued: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            health: tokio::sync::watch::Sender::new((Health::Healthy, None)),
+        }
+    }
 }
 
 impl EndpointStats {
     fn set_health(&self, health: Health, reason: Option<String>) {
-        self.health.store(health as u8, Ordering::Relaxed);
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.health.send_if_modified(|current| {
+            let changed = current.0 != health || current.1 != reason;
+            *current = (health, reason);
+            changed
+        });
     }
 
     pub fn health(&self) -> (Health, Option<String>) {
-        let h = match self.health.load(Ordering::Relaxed) {
-            0 => Health::Healthy,
-            1 => Health::Degraded,
-            _ => Health::Unhealthy,
-        };
-        (h, self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.health.borrow().clone()
+    }
+
+    /// Waits until the health satisfies `condition`; returns it with its reason.
+    pub async fn wait_for_health(&self, condition: impl Fn(Health) -> bool) -> (Health, Option<String>) {
+        let mut rx = self.health.subscribe();
+        let result = rx.wait_for(|(h, _)| condition(*h)).await.map(|v| v.clone());
+        result.unwrap_or_else(|_| self.health())
     }
 }
 

@@ -10,8 +10,9 @@
 //! - minimal parentheses: an `OR` inside an `AND` is parenthesized, and an `AND` inside an `AND`
 //!   (or `OR` inside `OR`) only when the tree nests it (the parser keeps `(a AND b) AND c` as two
 //!   nodes, so the text keeps the parentheses);
-//! - the operand of `NOT` is parenthesized unless it is a function call, `true`/`false` or another
-//!   `NOT`.
+//! - the operand of `NOT` is parenthesized only when it is an `AND` or an `OR`
+//!   (`NOT type = 'x'`, `NOT NOT true`, `NOT (a = 1 OR b = 2)`), so the canonical text never nests
+//!   deeper than the text it came from (it stays within [`MAX_DEPTH`](super::MAX_DEPTH)).
 
 use crate::event::Attribute;
 use std::fmt;
@@ -215,8 +216,8 @@ impl fmt::Display for Expr {
             }
             Expr::Not(inner) => {
                 f.write_str("NOT ")?;
-                let bare = matches!(**inner, Expr::Const(_) | Expr::Call { .. } | Expr::Not(_));
-                inner.fmt_child(f, !bare)
+                // Comparisons bind tighter than NOT: `NOT type = 'x'` is `NOT (type = 'x')`.
+                inner.fmt_child(f, inner.precedence() < 3)
             }
             Expr::Compare { op, left, right } => write!(f, "{left} {} {right}", op.symbol()),
             Expr::Call { func, left, right } => write!(f, "{}({left}, {right})", func.name()),

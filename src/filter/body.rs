@@ -1,11 +1,12 @@
 //! Reading `$body` fields straight from the event's JSON bytes.
 //!
 //! Parsing a 1 KB body into a `serde_json::Value` costs several microseconds (an allocation per
-//! member and string); a route table must decide an event in less. So filters do not use
+//! member and string); a route table must decide an event in less. So filters do not call
 //! [`CloudEvent::body`](crate::event::CloudEvent::body): the paths they read are gathered into a
 //! [`PathTrie`] when they are compiled, and one pass over the bytes picks out just those values,
 //! skipping everything else without allocating. Strings without escapes are borrowed from the
-//! event.
+//! event. (When the body was parsed already, by whoever called `body()`, evaluation looks the
+//! paths up in that value instead: [`lookup_parsed`].)
 //!
 //! Semantics match `serde_json::Value` (what `CloudEvent::body` gives) exactly: when an object has
 //! the same member twice, the last one counts; integers are `i64` or `u64` when they fit and `f64`
@@ -25,7 +26,8 @@ pub(crate) const MAX_SLOTS: usize = u16::MAX as usize;
 #[derive(Debug, Clone)]
 pub(crate) struct PathTrie {
     nodes: Vec<TrieNode>,
-    slots: usize,
+    /// Each slot's path (the segments after `$body`), by slot number.
+    paths: Vec<Box<[Box<str>]>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -56,14 +58,19 @@ pub(crate) enum Slot<'a> {
 
 impl Default for PathTrie {
     fn default() -> Self {
-        PathTrie { nodes: vec![TrieNode::default()], slots: 0 }
+        PathTrie { nodes: vec![TrieNode::default()], paths: Vec::new() }
     }
 }
 
 impl PathTrie {
     /// The number of slots an extraction fills.
     pub fn slot_count(&self) -> usize {
-        self.slots
+        self.paths.len()
+    }
+
+    /// The path of a slot.
+    pub fn path(&self, slot: u16) -> &[Box<str>] {
+        self.paths.get(slot as usize).map_or(&[], |p| &p[..])
     }
 
     /// Adds a path (the segments after `$body`) and returns its slot; a path already present keeps
@@ -90,9 +97,9 @@ impl PathTrie {
         match self.nodes[node].slot {
             Some(slot) => slot,
             None => {
-                assert!(self.slots < MAX_SLOTS, "too many distinct $body paths");
-                let slot = self.slots as u16;
-                self.slots += 1;
+                assert!(self.paths.len() < MAX_SLOTS, "too many distinct $body paths");
+                let slot = self.paths.len() as u16;
+                self.paths.push(path.iter().map(|s| s.as_ref().into()).collect());
                 self.nodes[node].slot = Some(slot);
                 slot
             }
@@ -190,7 +197,7 @@ fn string_end(b: &[u8], start: usize) -> Scan<(usize, bool, bool)> {
             },
         }
         if b[j] == b'"' {
-            return Ok((j, escaped, high & HIGHS != 0 || high & 0x80 != 0));
+            return Ok((j, escaped, high & HIGHS != 0));
         }
         escaped = true;
         j += 2; // the backslash and the escaped byte (`\u` digits hold no quote or backslash)
@@ -378,9 +385,11 @@ impl<'a> Scanner<'a> {
     /// A string at the cursor (on its opening quote); leaves the cursor after the closing quote.
     fn string(&mut self) -> Scan<RawStr> {
         let start = self.i + 1;
-        let (end, escaped, _) = string_end(self.b, start)?;
+        let (end, escaped, non_ascii) = string_end(self.b, start)?;
         let raw = RawStr { start, end, escaped };
-        check_string(self.b, &raw, end)?;
+        if escaped || non_ascii {
+            check_string(self.b, &raw, end, non_ascii)?;
+        }
         self.i = end + 1;
         Ok(raw)
     }
@@ -416,7 +425,7 @@ impl<'a> Scanner<'a> {
 fn checked_string_end(b: &[u8], start: usize) -> Scan<usize> {
     let (end, escaped, non_ascii) = string_end(b, start)?;
     if escaped || non_ascii {
-        check_string(b, &RawStr { start, end, escaped }, end)?;
+        check_string(b, &RawStr { start, end, escaped }, end, non_ascii)?;
     }
     Ok(end)
 }
@@ -424,14 +433,50 @@ fn checked_string_end(b: &[u8], start: usize) -> Scan<usize> {
 /// What `serde_json` refuses in a string and the event parsers let through: invalid UTF-8
 /// (binary-mode data) and escapes that are not characters (a lone surrogate such as `\ud800`).
 /// Only strings with escapes or non-ASCII bytes need a look.
-fn check_string(b: &[u8], raw: &RawStr, end: usize) -> Scan {
-    if raw.escaped {
-        // serde_json decodes (and so checks) escapes and UTF-8 together.
-        return serde_json::from_slice::<Cow<str>>(&b[raw.start - 1..=end]).map(drop).map_err(|_| Malformed);
-    }
+fn check_string(b: &[u8], raw: &RawStr, end: usize, non_ascii: bool) -> Scan {
     let text = &b[raw.start..end];
-    if !text.is_ascii() {
+    if raw.escaped {
+        check_escapes(text)?;
+    }
+    if non_ascii {
         std::str::from_utf8(text).map_err(|_| Malformed)?;
+    }
+    Ok(())
+}
+
+/// The escapes of a string's contents, by serde_json's rules: `\"` `\\` `\/` `\b` `\f` `\n` `\r`
+/// `\t` and `\uXXXX`, where a UTF-16 surrogate must be a leading one directly followed by an
+/// escaped trailing one.
+fn check_escapes(text: &[u8]) -> Scan {
+    let hex = |at: usize| -> Scan<u16> {
+        let digits = text.get(at..at + 4).ok_or(Malformed)?;
+        let digits = std::str::from_utf8(digits).map_err(|_| Malformed)?;
+        u16::from_str_radix(digits, 16).map_err(|_| Malformed)
+    };
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match text.get(i + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+            Some(b'u') => {
+                let unit = hex(i + 2)?;
+                i += 6;
+                match unit {
+                    0xDC00..=0xDFFF => return Err(Malformed),
+                    0xD800..=0xDBFF => {
+                        if text.get(i..i + 2) != Some(b"\\u") || !(0xDC00..=0xDFFF).contains(&hex(i + 2)?) {
+                            return Err(Malformed);
+                        }
+                        i += 6;
+                    }
+                    _ => {}
+                }
+            }
+            _ => return Err(Malformed),
+        }
     }
     Ok(())
 }
@@ -483,48 +528,9 @@ fn number<'a>(text: &[u8]) -> Scan<Slot<'a>> {
     }
 }
 
-impl<'a> Slot<'a> {
-    /// The slot for a parsed JSON value (borrowing its strings).
-    fn from_json(value: &'a Value) -> Slot<'a> {
-        match value {
-            Value::Null => Slot::Null,
-            Value::Bool(b) => Slot::Bool(*b),
-            Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    Slot::Int(i)
-                } else if let Some(u) = n.as_u64() {
-                    Slot::UInt(u)
-                } else {
-                    n.as_f64().map_or(Slot::Missing, Slot::Float)
-                }
-            }
-            Value::String(s) => Slot::Str(Cow::Borrowed(s)),
-            Value::Array(_) => Slot::Array,
-            Value::Object(_) => Slot::Object,
-        }
-    }
-}
-
-impl PathTrie {
-    /// Fills `slots` from a body already parsed by [`CloudEvent::body`](crate::event::CloudEvent::body).
-    /// Gives the same slots as [`PathTrie::extract`] on its text.
-    pub fn extract_parsed<'a>(&self, body: &'a Value, slots: &mut [Slot<'a>]) {
-        self.walk_parsed(0, body, slots);
-    }
-
-    fn walk_parsed<'a>(&self, node: usize, value: &'a Value, slots: &mut [Slot<'a>]) {
-        let n = &self.nodes[node];
-        if let Some(slot) = n.slot {
-            slots[slot as usize] = Slot::from_json(value);
-        }
-        if let Value::Object(members) = value {
-            for (name, child) in &n.children {
-                if let Some(member) = members.get(&**name) {
-                    self.walk_parsed(*child as usize, member, slots);
-                }
-            }
-        }
-    }
+/// The value at `path` in a parsed body: what the scanner would put in the path's slot.
+pub(crate) fn lookup_parsed<'a>(body: &'a Value, path: &[Box<str>]) -> Option<&'a Value> {
+    path.iter().try_fold(body, |value, segment| value.as_object()?.get(&**segment))
 }
 
 #[cfg(test)]
@@ -582,7 +588,8 @@ mod tests {
     }
 
     #[test]
-    fn parsed_bodies_give_the_same_slots() {
+    fn parsed_bodies_give_the_same_values() {
+        use crate::filter::eval::Val;
         let json = r#"{"a": {"b": "x\u00e9", "c": [1]}, "n": -5, "u": 18446744073709551615, "f": 0.1, "a": {"b": 2}, "z": null}"#;
         let paths: &[&[&str]] =
             &[&["a", "b"], &["a", "c"], &["a"], &["n"], &["u"], &["f"], &["z"], &["q"], &["n", "x"], &[]];
@@ -594,9 +601,10 @@ mod tests {
         let mut scanned = vec![Slot::Missing; trie.slot_count()];
         assert!(trie.extract(json.as_bytes(), &mut scanned));
         let value: Value = serde_json::from_str(json).unwrap();
-        let mut parsed = vec![Slot::Missing; trie.slot_count()];
-        trie.extract_parsed(&value, &mut parsed);
-        assert_eq!(scanned, parsed);
+        for (slot, found) in scanned.iter().enumerate() {
+            let parsed = lookup_parsed(&value, trie.path(slot as u16)).map_or(Val::Missing, Val::from_json);
+            assert_eq!(Val::from_slot(found), parsed, "{:?}", trie.path(slot as u16));
+        }
         assert_eq!(scanned[0], Slot::Int(2));
     }
 
@@ -633,8 +641,7 @@ mod tests {
     fn refuses_what_serde_json_refuses_even_where_it_skips() {
         let deep = |n: usize| format!("{{\"a\": 1, \"x\": {}{}}}", "[".repeat(n), "]".repeat(n));
         let deep_object = |n: usize| format!("{}\"a\": 1{}", "{\"a\": ".repeat(n - 1) + "{", "}".repeat(n));
-        let cases: Vec<Vec<u8>> =
-            vec![
+        let cases: Vec<Vec<u8>> = vec![
                 br#"{"a": 1, "x": [1e400]}"#.to_vec(),
                 br#"{"a": 1, "x": 1e400}"#.to_vec(),
                 br#"{"a": 1, "x": -123456789012345678901234567890e300}"#.to_vec(),
@@ -660,6 +667,31 @@ mod tests {
             let scanned = trie.extract(&json, &mut slots);
             assert_eq!(scanned, value.is_some(), "{}", String::from_utf8_lossy(&json));
             assert_eq!(slots[0] != Slot::Missing, value.is_some());
+        }
+    }
+
+    #[test]
+    fn escapes_are_checked_as_serde_json_does() {
+        for text in [
+            r#"a\"b"#,
+            r#"\\\/\b\f\n\r\t"#,
+            r#"\u0041"#,
+            r#"\ud83d\ude00"#,
+            r#"\uD83D\uDE00x"#,
+            r#"\ud800"#,
+            r#"\udc00"#,
+            r#"\ud800\u0041"#,
+            r#"\ud800x"#,
+            r#"\ud800\n"#,
+            r#"\u12"#,
+            r#"\u12g4"#,
+            r#"\x"#,
+            r#"\"#,
+            r#"\ud83d\ude00\ud83d"#,
+        ] {
+            let quoted = format!("\"{text}\"");
+            let serde_ok = serde_json::from_str::<String>(&quoted).is_ok();
+            assert_eq!(check_escapes(text.as_bytes()).is_ok(), serde_ok, "{text}");
         }
     }
 

@@ -13,7 +13,7 @@ pub struct FilterError {
     pub offset: usize,
     /// What the parser was looking for, e.g. "`)`" or "a value (a field or a literal)".
     pub expected: String,
-    /// What it found instead, e.g. "`AND`" or "end of filter".
+    /// What it found instead, e.g. "`AND`" or "the end of the filter".
     pub found: String,
     /// A suggestion, e.g. "did you mean `type`? Field names are lower case".
     pub hint: Option<String>,

@@ -16,10 +16,9 @@
 //! escapes and extracting more than 16 distinct `$body` paths.
 
 use super::ast::{CompareOp, Expr, Field, Function, Literal, Operand};
-use super::body::{PathTrie, Slot};
+use super::body::{lookup_parsed, PathTrie, Slot};
 use crate::event::{Attribute, CloudEvent, DataEncoding, SPEC_VERSION};
 use memchr::memmem;
-use smallvec::SmallVec;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -51,6 +50,23 @@ impl<'v> Val<'v> {
             Slot::Str(s) => Val::Str(s),
             Slot::Object => Val::Object,
             Slot::Array => Val::Array,
+        }
+    }
+
+    /// A value of a parsed body, as the scanner would have found it.
+    pub(crate) fn from_json(value: &'v serde_json::Value) -> Val<'v> {
+        use serde_json::Value;
+        match value {
+            Value::Null => Val::Null,
+            Value::Bool(b) => Val::Bool(*b),
+            Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => Val::Int(i),
+                (None, Some(u)) => Val::UInt(u),
+                (None, None) => n.as_f64().map_or(Val::Missing, Val::Float),
+            },
+            Value::String(s) => Val::Str(s),
+            Value::Array(_) => Val::Array,
+            Value::Object(_) => Val::Object,
         }
     }
 
@@ -162,7 +178,7 @@ pub(crate) fn json_body(event: &CloudEvent) -> Option<&[u8]> {
 /// integer comparisons: a table whose routes test `type` thirty times reads it once.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Dictionaries {
-    by_attribute: [HashMap<Box<str>, u32, BuildHasherDefault<Fnv>>; ATTRIBUTES],
+    by_attribute: [HashMap<Box<str>, u32, BuildHasherDefault<WordHash>>; ATTRIBUTES],
 }
 
 /// How many `Attribute` variants there are (the dictionaries and the per-event cache are indexed
@@ -191,21 +207,27 @@ impl Dictionaries {
     }
 }
 
-/// FNV-1a: dictionary keys are short and trusted (they come from route filters), so a fast
-/// non-keyed hash is fine here.
+/// A word-at-a-time multiplicative hash (FxHash's): dictionary keys come from route filters and
+/// are compared in full on a hit, so a fast non-keyed hash is fine, and hashing a 40-byte `type`
+/// costs a few nanoseconds per event.
 #[derive(Default)]
-struct Fnv(u64);
+struct WordHash(u64);
 
-impl Hasher for Fnv {
+impl Hasher for WordHash {
     fn finish(&self) -> u64 {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).unwrap_or_default());
+            h = (h.rotate_left(5) ^ word).wrapping_mul(K);
         }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail) ^ bytes.len() as u64).wrapping_mul(K);
         self.0 = h;
     }
 }
@@ -324,21 +346,37 @@ fn mirror(op: CompareOp) -> CompareOp {
     }
 }
 
+/// Slots held in the [`Env`] itself, without allocating: filters and tables rarely read more
+/// `$body` paths than this.
+const INLINE_SLOTS: usize = 8;
+
+/// The `$body` values of an evaluation, by slot number.
+enum Slots<'e> {
+    /// No condition has needed the body yet.
+    Unread,
+    Inline([Slot<'e>; INLINE_SLOTS]),
+    /// The body was parsed already (`CloudEvent::body`): paths are looked up in it on demand.
+    Parsed(&'e serde_json::Value),
+    /// No JSON body.
+    Absent,
+    /// More paths than [`INLINE_SLOTS`]: one allocation per event.
+    Heap(Vec<Slot<'e>>),
+}
+
 /// What an evaluation reads from: the event, `$body` values extracted on first use, and the
 /// dictionary ids of attributes, looked up on first use.
 pub(crate) struct Env<'e> {
     event: &'e CloudEvent,
     shared: &'e Shared,
-    /// Filled on first `$body` read; empty before.
-    slots: SmallVec<[Slot<'e>; 16]>,
-    extracted: bool,
+    /// Filled on first `$body` read.
+    slots: Slots<'e>,
     /// Per attribute: [`UNKNOWN`], [`ABSENT`], [`OTHER`] or the id of its value.
     ids: [u32; ATTRIBUTES],
 }
 
 impl<'e> Env<'e> {
     pub(crate) fn new(event: &'e CloudEvent, shared: &'e Shared) -> Self {
-        Env { event, shared, slots: SmallVec::new(), extracted: false, ids: [UNKNOWN; ATTRIBUTES] }
+        Env { event, shared, slots: Slots::Unread, ids: [UNKNOWN; ATTRIBUTES] }
     }
 
     pub(crate) fn event(&self) -> &'e CloudEvent {
@@ -348,31 +386,54 @@ impl<'e> Env<'e> {
     /// Scans the body for every path of the trie, once.
     #[inline]
     pub(crate) fn extract(&mut self) {
-        if !self.extracted {
+        if matches!(self.slots, Slots::Unread) {
             self.extract_now();
         }
     }
 
     #[cold]
     fn extract_now(&mut self) {
-        self.extracted = true;
-        self.slots.resize(self.shared.trie.slot_count(), Slot::Missing);
         match self.event.parsed_body() {
-            // Someone parsed the body already (`CloudEvent::body`): walk the value.
-            Some(Some(value)) => self.shared.trie.extract_parsed(value, &mut self.slots),
-            Some(None) => {}
-            None => {
-                if let Some(json) = json_body(self.event) {
-                    self.shared.trie.extract(json, &mut self.slots);
-                }
+            Some(Some(value)) => {
+                self.slots = Slots::Parsed(value);
+                return;
             }
+            Some(None) => {
+                self.slots = Slots::Absent;
+                return;
+            }
+            None => {}
         }
+        let Some(json) = json_body(self.event) else {
+            self.slots = Slots::Absent;
+            return;
+        };
+        let count = self.shared.trie.slot_count();
+        self.slots = if count <= INLINE_SLOTS {
+            Slots::Inline(std::array::from_fn(|_| Slot::Missing))
+        } else {
+            Slots::Heap(vec![Slot::Missing; count])
+        };
+        let slots = match &mut self.slots {
+            Slots::Inline(inline) => &mut inline[..count],
+            Slots::Heap(heap) => &mut heap[..],
+            _ => return,
+        };
+        self.shared.trie.extract(json, slots);
     }
 
     /// The value in a slot; [`Env::extract`] must have run.
     #[inline]
     pub(crate) fn slot(&self, slot: u16) -> Val<'_> {
-        self.slots.get(slot as usize).map_or(Val::Missing, Val::from_slot)
+        let found = match &self.slots {
+            Slots::Inline(inline) => inline.get(slot as usize),
+            Slots::Heap(heap) => heap.get(slot as usize),
+            Slots::Parsed(body) => {
+                return lookup_parsed(body, self.shared.trie.path(slot)).map_or(Val::Missing, Val::from_json)
+            }
+            Slots::Unread | Slots::Absent => None,
+        };
+        found.map_or(Val::Missing, Val::from_slot)
     }
 
     #[inline]
@@ -444,12 +505,14 @@ struct Needle {
     func: Function,
     text: Box<str>,
     /// For `CONTAINS`: a substring searcher built once (`str::contains` builds one per call).
-    finder: Option<memmem::Finder<'static>>,
+    /// Boxed: a finder is a few hundred bytes, and nodes are kept small for cache locality.
+    finder: Option<Box<memmem::Finder<'static>>>,
 }
 
 impl Needle {
     fn new(func: Function, text: Box<str>) -> Needle {
-        let finder = (func == Function::Contains).then(|| memmem::Finder::new(text.as_bytes()).into_owned());
+        let finder =
+            (func == Function::Contains).then(|| Box::new(memmem::Finder::new(text.as_bytes()).into_owned()));
         Needle { func, text, finder }
     }
 
@@ -527,12 +590,13 @@ enum Node {
 }
 
 impl Node {
-    fn eval(&self, env: &mut Env<'_>) -> bool {
+    /// Evaluates a node; `AND`/`OR`/`NOT` recurse through [`Node::eval`], leaves are evaluated
+    /// in place (a leaf in an `AND` costs no call).
+    #[inline(always)]
+    fn eval_inline(&self, env: &mut Env<'_>) -> bool {
         match self {
             Node::Const(b) => *b,
-            Node::And(items) => items.iter().all(|n| n.eval(env)),
-            Node::Or(items) => items.iter().any(|n| n.eval(env)),
-            Node::Not(inner) => !inner.eval(env),
+            Node::And(_) | Node::Or(_) | Node::Not(_) => self.eval(env),
             Node::AttrEq { attr, id, ne } => {
                 let value = env.id(*attr);
                 value != ABSENT && ((value == *id) != *ne)
@@ -572,6 +636,15 @@ impl Node {
                 }
                 call(*func, left.value(env), right.value(env))
             }
+        }
+    }
+
+    fn eval(&self, env: &mut Env<'_>) -> bool {
+        match self {
+            Node::And(items) => items.iter().all(|n| n.eval_inline(env)),
+            Node::Or(items) => items.iter().any(|n| n.eval_inline(env)),
+            Node::Not(inner) => !inner.eval_inline(env),
+            leaf => leaf.eval_inline(env),
         }
     }
 }

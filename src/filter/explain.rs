@@ -108,7 +108,8 @@ impl Explainer<'_, '_> {
                 let result = call(*func, a, b);
                 let mut reason = self.describe(left, a, right, b);
                 let missing = matches!(a, Val::Missing) || matches!(b, Val::Missing);
-                if !result && !missing && !(matches!(a, Val::Str(_)) && matches!(b, Val::Str(_))) {
+                let strings = matches!(a, Val::Str(_)) && matches!(b, Val::Str(_));
+                if !(result || missing || strings) {
                     reason.push_str(match func {
                         Function::StartsWith => " (STARTS_WITH needs two strings)",
                         Function::EndsWith => " (ENDS_WITH needs two strings)",

@@ -101,7 +101,7 @@ impl<'t> Lexer<'t> {
     fn char_at(&self, offset: usize) -> String {
         match self.text[offset..].chars().next() {
             Some(c) => format!("`{c}`"),
-            None => "end of filter".into(),
+            None => "the end of the filter".into(),
         }
     }
 
@@ -182,7 +182,11 @@ impl<'t> Lexer<'t> {
             match memchr::memchr(b'\'', &bytes[i..]) {
                 None => {
                     return Err(self
-                        .error(start, "a closing `'` for the string that starts here", "end of filter".into())
+                        .error(
+                            start,
+                            "a closing `'` for the string that starts here",
+                            "the end of the filter".into(),
+                        )
                         .with_hint("a quote inside a string is written twice: 'it''s'"))
                 }
                 Some(rel) => {

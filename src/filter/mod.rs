@@ -1,9 +1,10 @@
 //! ADT route filters: parsing, compiling and evaluating the filter language of spec §3.
 //!
 //! A [`Filter`] is parsed and compiled once, when a route is created, and then evaluated on every
-//! event: [`Filter::matches`] is the daemon's hot path and does not allocate. `$body` fields are
-//! read straight from the event's JSON bytes (see `body.rs`), not through a parsed
-//! `serde_json::Value`. The full language reference, with every semantic choice twinroute made
+//! event: [`Filter::matches`] (and [`RouteTable::route`](crate::routing::RouteTable::route)) is
+//! the daemon's hot path and does not allocate. `$body` fields are read straight from the event's
+//! JSON bytes (see `body.rs`), not through a parsed `serde_json::Value`, unless the event's body
+//! was parsed already. The full language reference, with every semantic choice twinroute made
 //! where ADT does not document one, is `docs/filter-language.md`.
 //!
 //! Layout: `lexer` and `parser` turn text into an [`ast::Expr`] (whose `Display` is the canonical
@@ -30,7 +31,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// Longest filter text accepted, in bytes. ADT does not document a limit; 4 KiB is far above
-/// any real filter (the longest ADT doc example is 108 bytes) and bounds the work a hostile
+/// any real filter (the longest ADT doc example is 101 bytes) and bounds the work a hostile
 /// route definition can cause.
 pub const MAX_FILTER_LEN: usize = 4096;
 

@@ -37,16 +37,16 @@ pub(crate) fn parse(text: &str) -> Result<Expr, FilterError> {
     if parser.lexer.peek()?.kind == TokenKind::End {
         let offset = parser.lexer.peek()?.offset;
         return Err(parser
-            .error_at(offset, "a condition", "end of filter".into())
+            .error_at(offset, "a condition", "the end of the filter".into())
             .with_hint("a filter that matches every event is `true`"));
     }
     let expr = parser.or_expr()?;
     let token = parser.lexer.next()?;
     if token.kind != TokenKind::End {
         let expected = if token.kind == TokenKind::RParen {
-            "`AND`, `OR` or end of filter (this `)` has no matching `(`)"
+            "`AND`, `OR` or the end of the filter (this `)` has no matching `(`)"
         } else {
-            "`AND`, `OR` or end of filter"
+            "`AND`, `OR` or the end of the filter"
         };
         return Err(parser.unexpected(&token, expected));
     }
@@ -60,7 +60,7 @@ struct Parser<'t> {
 }
 
 /// The keyword a word token spells, if any (keywords are case-insensitive).
-fn keyword(word: &str) -> Option<&'static str> {
+fn keyword_of(word: &str) -> Option<&'static str> {
     ["AND", "OR", "NOT", "TRUE", "FALSE", "NULL"].into_iter().find(|k| k.eq_ignore_ascii_case(word))
 }
 
@@ -90,7 +90,7 @@ impl<'t> Parser<'t> {
     /// How a token reads in "found ...".
     fn describe(&self, token: &Token) -> String {
         if token.kind == TokenKind::End {
-            return "end of filter".into();
+            return "the end of the filter".into();
         }
         let text = self.lexer.slice(token);
         if text.chars().count() > 40 {
@@ -119,7 +119,22 @@ impl<'t> Parser<'t> {
 
     fn is_keyword(&mut self, kw: &str) -> Result<bool, FilterError> {
         let token = self.lexer.peek()?.clone();
-        Ok(token.kind == TokenKind::Word && keyword(self.lexer.slice(&token)) == Some(kw))
+        Ok(token.kind == TokenKind::Word && keyword_of(self.lexer.slice(&token)) == Some(kw))
+    }
+
+    /// After `AND`, `OR` or `NOT`: a token that cannot start a condition is reported as the
+    /// missing condition after that keyword.
+    fn condition_follows(&mut self, keyword: &str) -> Result<(), FilterError> {
+        let token = self.lexer.peek()?.clone();
+        let cannot_start = match &token.kind {
+            TokenKind::End | TokenKind::RParen | TokenKind::Comma => true,
+            TokenKind::Word => matches!(keyword_of(self.lexer.slice(&token)), Some("AND" | "OR")),
+            kind => compare_op(kind).is_some(),
+        };
+        if cannot_start {
+            return Err(self.unexpected(&token, &format!("a condition after {keyword}")));
+        }
+        Ok(())
     }
 
     fn or_expr(&mut self) -> Result<Expr, FilterError> {
@@ -130,6 +145,7 @@ impl<'t> Parser<'t> {
         let mut items = vec![first];
         while self.is_keyword("OR")? {
             self.lexer.next()?;
+            self.condition_follows("OR")?;
             items.push(self.and_expr()?);
         }
         Ok(Expr::Or(items))
@@ -143,6 +159,7 @@ impl<'t> Parser<'t> {
         let mut items = vec![first];
         while self.is_keyword("AND")? {
             self.lexer.next()?;
+            self.condition_follows("AND")?;
             items.push(self.not_expr()?);
         }
         Ok(Expr::And(items))
@@ -152,6 +169,7 @@ impl<'t> Parser<'t> {
         if self.is_keyword("NOT")? {
             let token = self.lexer.next()?;
             self.enter(&token)?;
+            self.condition_follows("NOT")?;
             let inner = self.not_expr()?;
             self.depth -= 1;
             return Ok(Expr::Not(Box::new(inner)));
@@ -176,7 +194,7 @@ impl<'t> Parser<'t> {
             }
             TokenKind::Word => {
                 let word = self.lexer.slice(&token);
-                match keyword(word) {
+                match keyword_of(word) {
                     Some(kw @ ("TRUE" | "FALSE")) => {
                         self.lexer.next()?;
                         // `true = $body.x` is a comparison; a lone `true` a condition.
@@ -282,7 +300,7 @@ impl<'t> Parser<'t> {
 
     /// A word (already taken) in operand position: `true`, `false`, `null`, or an attribute name.
     fn word_operand(&self, token: &Token, word: &str) -> Result<Operand, FilterError> {
-        match keyword(word) {
+        match keyword_of(word) {
             Some("TRUE") => Ok(Operand::Literal(Literal::Bool(true))),
             Some("FALSE") => Ok(Operand::Literal(Literal::Bool(false))),
             Some("NULL") => Ok(Operand::Literal(Literal::Null)),

@@ -628,11 +628,16 @@ fn canonical_text() {
             "(subject = 'a' AND subject = 'b') AND type = 'c'",
         ),
         ("((subject = 'a'))", "subject = 'a'"),
-        ("not subject = 'a'", "NOT (subject = 'a')"),
+        ("not subject = 'a'", "NOT subject = 'a'"),
+        ("not (subject = 'a')", "NOT subject = 'a'"),
         ("not not true", "NOT NOT true"),
         ("not contains(subject, 'a')", "NOT CONTAINS(subject, 'a')"),
         ("not (subject = 'a' or true)", "NOT (subject = 'a' OR true)"),
-        ("NOT subject = 'a' AND true", "NOT (subject = 'a') AND true"),
+        ("NOT subject = 'a' AND true", "NOT subject = 'a' AND true"),
+        (
+            "(NOT subject = 'a') OR NOT (subject = 'b' AND true)",
+            "NOT subject = 'a' OR NOT (subject = 'b' AND true)",
+        ),
     ] {
         let f = filter(input);
         assert_eq!(f.to_string(), canonical, "{input}");
@@ -670,10 +675,13 @@ fn hand_built_trees_print_and_reparse() {
 #[test]
 fn error_empty_filter() {
     let e = err("");
-    assert_eq!((e.offset, e.expected.as_str(), e.found.as_str()), (0, "a condition", "end of filter"));
+    assert_eq!(
+        (e.offset, e.expected.as_str(), e.found.as_str()),
+        (0, "a condition", "the end of the filter")
+    );
     assert_eq!(
         e.to_string(),
-        "expected a condition, found end of filter at offset 0\n\n^\nhint: a filter that matches every event is `true`"
+        "expected a condition, found the end of the filter at offset 0\n\n^\nhint: a filter that matches every event is `true`"
     );
     let e = err("   ");
     assert_eq!(e.offset, 3);
@@ -684,10 +692,10 @@ fn error_empty_filter() {
 fn error_unterminated_string() {
     let e = err("subject = 'abc");
     assert_eq!(e.offset, 10);
-    assert_eq!(e.found, "end of filter");
+    assert_eq!(e.found, "the end of the filter");
     assert_eq!(
         e.to_string(),
-        "expected a closing `'` for the string that starts here, found end of filter at offset 10\n\
+        "expected a closing `'` for the string that starts here, found the end of the filter at offset 10\n\
          subject = 'abc\n          ^\nhint: a quote inside a string is written twice: 'it''s'"
     );
     // An escaped quote at the end does not close it.
@@ -697,11 +705,11 @@ fn error_unterminated_string() {
 #[test]
 fn error_missing_operand() {
     let e = err("type = ");
-    assert_eq!((e.offset, e.found.as_str()), (7, "end of filter"));
+    assert_eq!((e.offset, e.found.as_str()), (7, "the end of the filter"));
     assert_eq!(e.expected, "a value (a field or a literal)");
     assert_eq!(
         e.to_string(),
-        "expected a value (a field or a literal), found end of filter at offset 7\ntype = \n       ^"
+        "expected a value (a field or a literal), found the end of the filter at offset 7\ntype = \n       ^"
     );
     let e = err("type = AND subject = 'x'");
     assert_eq!((e.offset, e.found.as_str()), (7, "`AND`"));
@@ -711,14 +719,26 @@ fn error_missing_operand() {
     assert_eq!((e.offset, e.found.as_str()), (5, "`'x'`"));
     assert_eq!(e.expected, "a comparison operator (=, !=, <, <=, >, >=)");
     let e = err("$body.flag");
-    assert_eq!((e.offset, e.found.as_str()), (10, "end of filter"));
+    assert_eq!((e.offset, e.found.as_str()), (10, "the end of the filter"));
     assert!(e.hint.unwrap().contains("a field alone is not a condition"));
     let e = err("type = 'a' AND");
-    assert_eq!((e.offset, e.found.as_str(), e.expected.as_str()), (14, "end of filter", "a condition"));
+    assert_eq!(
+        (e.offset, e.found.as_str(), e.expected.as_str()),
+        (14, "the end of the filter", "a condition after AND")
+    );
+    // As the README shows it.
+    assert_eq!(
+        e.to_string(),
+        "expected a condition after AND, found the end of the filter at offset 14\ntype = 'a' AND\n              ^"
+    );
     let e = err("type = 'a' OR OR type = 'b'");
-    assert_eq!((e.offset, e.found.as_str()), (14, "`OR`"));
+    assert_eq!((e.offset, e.found.as_str(), e.expected.as_str()), (14, "`OR`", "a condition after OR"));
     let e = err("NOT");
-    assert_eq!(e.offset, 3);
+    assert_eq!((e.offset, e.expected.as_str()), (3, "a condition after NOT"));
+    let e = err("(type = 'a' AND)");
+    assert_eq!((e.offset, e.found.as_str(), e.expected.as_str()), (15, "`)`", "a condition after AND"));
+    let e = err("NOT = 1");
+    assert_eq!((e.offset, e.found.as_str()), (4, "`=`"));
 }
 
 #[test]
@@ -726,12 +746,12 @@ fn error_unbalanced_parentheses() {
     let e = err("(type = 'a'");
     assert_eq!(
         (e.offset, e.found.as_str(), e.expected.as_str()),
-        (11, "end of filter", "`AND`, `OR` or `)`")
+        (11, "the end of the filter", "`AND`, `OR` or `)`")
     );
     assert_eq!(e.hint.as_deref(), Some("the `(` at offset 0 is not closed"));
     assert_eq!(
         e.to_string(),
-        "expected `AND`, `OR` or `)`, found end of filter at offset 11\n(type = 'a'\n           ^\nhint: the `(` at offset 0 is not closed"
+        "expected `AND`, `OR` or `)`, found the end of the filter at offset 11\n(type = 'a'\n           ^\nhint: the `(` at offset 0 is not closed"
     );
     let e = err("type = 'a')");
     assert_eq!((e.offset, e.found.as_str()), (10, "`)`"));
@@ -747,11 +767,11 @@ fn error_trailing_garbage() {
     let e = err("type = 'a' xyz");
     assert_eq!(
         (e.offset, e.found.as_str(), e.expected.as_str()),
-        (11, "`xyz`", "`AND`, `OR` or end of filter")
+        (11, "`xyz`", "`AND`, `OR` or the end of the filter")
     );
     assert_eq!(
         e.to_string(),
-        "expected `AND`, `OR` or end of filter, found `xyz` at offset 11\ntype = 'a' xyz\n           ^"
+        "expected `AND`, `OR` or the end of the filter, found `xyz` at offset 11\ntype = 'a' xyz\n           ^"
     );
     let e = err("true false");
     assert_eq!(e.offset, 5);
@@ -832,6 +852,9 @@ fn error_limits() {
     assert_eq!(e.expected, "at most 64 nested parentheses and NOTs");
     let nots = |n: usize| format!("{}true", "NOT ".repeat(n));
     filter(&nots(MAX_DEPTH));
+    // At the limit, the canonical text stays within it (found by fuzzing).
+    let at_limit = filter(&format!("{}type = 'x'", "NOT ".repeat(MAX_DEPTH)));
+    filter(&at_limit.to_string());
     assert_eq!(err(&nots(MAX_DEPTH + 1)).offset, 4 * MAX_DEPTH);
     // Hostile input far beyond the limits is refused without recursion.
     assert_eq!(err(&"(".repeat(4000)).offset, MAX_DEPTH);
@@ -887,7 +910,7 @@ fn explanations() {
     let x = filter("$body.x = 1").explain(&event(r#""type":"t""#));
     assert_eq!(x.clauses[0].reason, "the event has no JSON body");
     let x = filter("NOT subject = 'x'").explain(&e);
-    assert_eq!(x.to_string(), "`NOT (subject = 'x')` is true\n  `subject = 'x'` is false: subject is 't1'");
+    assert_eq!(x.to_string(), "`NOT subject = 'x'` is true\n  `subject = 'x'` is false: subject is 't1'");
 }
 
 #[test]

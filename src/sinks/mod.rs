@@ -3,8 +3,11 @@
 //! and when to retry is decided by the delivery workers, in one place, never by a sink.
 
 pub mod amqp;
+pub mod blob;
+pub mod event_grid;
 pub mod event_hubs;
 pub mod file;
+pub mod http;
 pub mod memory;
 pub mod service_bus;
 pub mod stdout;

@@ -37,15 +37,27 @@ pub async fn spawn_app(extra: &str) -> TestApp {
     spawn_in(dir, extra, Arc::new(MemorySinkFactory::default())).await
 }
 
+/// A daemon with the real sinks (Event Hubs, Service Bus, ...) instead of in-memory ones.
+pub async fn spawn_real(extra: &str) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    start(dir, extra, Arc::new(MemorySinkFactory::default()), false).await
+}
+
 /// Starts a daemon whose configuration is the base plus `extra` TOML, in `dir`.
 pub async fn spawn_in(dir: tempfile::TempDir, extra: &str, sinks: Arc<MemorySinkFactory>) -> TestApp {
+    start(dir, extra, sinks, true).await
+}
+
+async fn start(dir: tempfile::TempDir, extra: &str, sinks: Arc<MemorySinkFactory>, memory: bool) -> TestApp {
     let text = format!("{}\n{extra}", base_config(dir.path()));
     let env = HashMap::from([
         ("TWINROUTE_INGEST__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("TWINROUTE_ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
     ]);
     let config = Config::from_toml(&text, "test", Some(env)).expect("test config is valid");
-    let running = Running::start(config, RunOptions { sinks: Some(sinks.clone()), ..Default::default() })
+    let factory: Option<Arc<dyn twinroute::sinks::SinkFactory>> =
+        if memory { Some(sinks.clone()) } else { None };
+    let running = Running::start(config, RunOptions { sinks: factory, ..Default::default() })
         .await
         .expect("the daemon starts");
     TestApp {

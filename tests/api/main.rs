@@ -1,7 +1,10 @@
 //! Integration tests of the daemon over real HTTP on port 0: one binary, shared helpers.
 
 mod admin;
+mod amqp;
+mod blob;
 mod cli;
+mod event_grid;
 mod helpers;
 mod identity;
 mod ingest;

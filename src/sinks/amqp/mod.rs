@@ -22,8 +22,12 @@ use time::OffsetDateTime;
 
 /// Authorization is put again when the token in force expires within this margin.
 const REAUTHORIZE_BEFORE_EXPIRY: Duration = Duration::from_secs(5 * 60);
-/// How long one AMQP operation (open, attach, put-token, send) may take before it counts as failed.
+/// How long one AMQP operation (open, attach, put-token) may take before it counts as failed.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a send waits for the service's disposition. A send left unanswered is in doubt: the
+/// connection is dropped and the batch retried (at-least-once; Service Bus deduplicates by
+/// message id where duplicate detection is on).
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event Hubs and Service Bus ask clients to back off this long when they answer "server busy".
 const SERVER_BUSY_BACKOFF: Duration = Duration::from_secs(4);
 /// Used when a link does not say its maximum message size.
@@ -105,6 +109,9 @@ pub struct AmqpClient {
     /// One operation at a time: the delivery worker is sequential, and the lock makes
     /// (re)connecting and authorizing happen once.
     state: tokio::sync::Mutex<Option<Connected>>,
+    /// The identity token last put (even if refused), so an auth failure can force a refresh
+    /// of exactly that token.
+    last_token: std::sync::Mutex<Option<Token>>,
 }
 
 impl fmt::Debug for AmqpClient {
@@ -117,16 +124,24 @@ async fn timed<T>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, AmqpError>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(OPERATION_TIMEOUT, f).await {
+    timed_for(OPERATION_TIMEOUT, what, f).await
+}
+
+async fn timed_for<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, AmqpError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {OPERATION_TIMEOUT:?}")),
+        Err(_) => Err(format!("{what}: no answer within {limit:?}")),
     }
 }
 
 impl AmqpClient {
     pub fn new(config: AmqpTargetConfig) -> Self {
-        Self { config, state: tokio::sync::Mutex::new(None) }
+        Self { config, state: tokio::sync::Mutex::new(None), last_token: std::sync::Mutex::new(None) }
     }
 
     pub fn config(&self) -> &AmqpTargetConfig {
@@ -207,6 +222,7 @@ impl AmqpClient {
             return Ok(());
         }
         let (path, token_type, token) = self.token().await?;
+        *self.last_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
         let secret = azure_core::credentials::Secret::new(token.secret.expose().to_owned());
         let put =
             timed("put-token", connected.cbs.authorize_path(path, token_type, &secret, token.expires_on))
@@ -226,8 +242,11 @@ impl AmqpClient {
     /// After an auth failure: a fresh token (forced past the cache) on the next send.
     pub async fn refresh_credentials(&self) {
         let mut state = self.state.lock().await;
-        let held = state.as_mut().and_then(|c| c.authorized.take());
-        if let (AmqpAuth::Identity { credential, audience }, Some((token, _))) = (&self.config.auth, held) {
+        if let Some(c) = state.as_mut() {
+            c.authorized = None;
+        }
+        let held = self.last_token.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let (AmqpAuth::Identity { credential, audience }, Some(token)) = (&self.config.auth, held) {
             if let Err(e) = credential.cache().force_refresh(audience, &token).await {
                 tracing::warn!(endpoint = %self.config.endpoint, error = %e, "forced token refresh failed");
             }
@@ -289,6 +308,7 @@ impl AmqpClient {
     /// `<hub>/Partitions/<id>`), classifying the outcome. Any failure other than a refusal of
     /// the message itself drops the connection, so the next send starts clean.
     pub async fn send(&self, target: &str, message: AmqpMessage, batch: bool) -> DeliveryOutcome {
+        tracing::trace!(endpoint = %self.config.endpoint, target, "send: waiting for the client");
         let mut state = self.state.lock().await;
         let connected = match self.ready(&mut state).await {
             Ok(c) => c,
@@ -305,7 +325,9 @@ impl AmqpClient {
             message_format: batch.then_some(message::BATCH_MESSAGE_FORMAT),
             ..Default::default()
         };
-        let outcome = timed("sending", sender.send(message, Some(options))).await;
+        tracing::trace!(endpoint = %self.config.endpoint, target, batch, "sending");
+        let outcome = timed_for(SEND_TIMEOUT, "sending", sender.send(message, Some(options))).await;
+        tracing::trace!(endpoint = %self.config.endpoint, target, ok = outcome.is_ok(), "sent");
         match outcome {
             Ok(AmqpSendOutcome::Accepted) => DeliveryOutcome::Delivered,
             Ok(AmqpSendOutcome::Rejected(error)) => {

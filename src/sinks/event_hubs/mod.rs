@@ -21,10 +21,10 @@ pub struct EventHubsSink {
 }
 
 /// Groups envelopes by key, keeping each key's events in their order (first-seen key order).
-pub fn group_by_key<'a>(
-    batch: &'a [Arc<Envelope>],
+pub fn group_by_key(
+    batch: &[Arc<Envelope>],
     key: impl Fn(&Envelope) -> Option<String>,
-) -> Vec<(Option<String>, Vec<&'a Arc<Envelope>>)> {
+) -> Vec<(Option<String>, Vec<&Arc<Envelope>>)> {
     let mut groups: Vec<(Option<String>, Vec<&Arc<Envelope>>)> = Vec::new();
     for envelope in batch {
         let k = key(envelope);
