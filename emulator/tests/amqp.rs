@@ -693,6 +693,29 @@ async fn service_bus_refusals() {
 }
 
 #[tokio::test]
+async fn a_link_stops_taking_messages_when_its_token_expires() {
+    init_tracing();
+    let standin = AmqpStandIn::start(AmqpConfig::default()).await.unwrap();
+    let sb = ServiceBus::connect(&standin, NS).await;
+    let expiry = now() + 2;
+    let token = sas(&format!("sb://{NS}/twin-queue"), DEV_SAS_KEY_NAME, DEV_SAS_KEY, expiry);
+    sb.authorize("twin-queue", Some(TOKEN_TYPE_SAS), token, expiry).await.unwrap();
+    let sender = sb.sender("twin-queue").await.unwrap();
+    accepted(within("send", sender.send(message("before", b"1"), None)).await.unwrap());
+    // Tokens carry wall-clock times: wait for this one to run out.
+    within("expiry", async {
+        while now() < expiry {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let error = rejected(within("send", sender.send(message("after", b"2"), None)).await.unwrap());
+    assert_eq!(error.condition, AmqpErrorCondition::UnauthorizedAccess);
+    assert!(error.description.unwrap().contains(&format!("expired at {expiry}")));
+    assert_eq!(standin.stored(NS, "twin-queue").len(), 1);
+}
+
+#[tokio::test]
 async fn faults_reject_detach_and_drop() {
     init_tracing();
     let standin = AmqpStandIn::start(AmqpConfig::default()).await.unwrap();

@@ -351,35 +351,32 @@ impl<'a> Scanner<'a> {
     /// Skips a whole object or array, counting brackets outside strings. Strings and numbers in
     /// it are checked as `serde_json` would ([`checked_string_end`], [`skip_number`]).
     fn skip_container(&mut self) -> Scan {
+        let b = self.b;
         let mut depth = 0usize;
         let mut i = self.i;
-        loop {
-            match *self.b.get(i).ok_or(Malformed)? {
-                b'"' => {
-                    i = checked_string_end(self.b, i + 1)? + 1;
-                    continue;
-                }
-                b'-' | b'0'..=b'9' => {
-                    i = skip_number(self.b, i)?;
-                    continue;
-                }
+        while i < b.len() {
+            match b[i] {
+                b'"' => i = checked_string_end(b, i + 1)? + 1,
+                b'-' | b'0'..=b'9' => i = skip_number(b, i)?,
                 b'{' | b'[' => {
                     depth += 1;
                     if self.depth + depth > MAX_NESTING {
                         return Err(Malformed);
                     }
+                    i += 1;
                 }
                 b'}' | b']' => {
                     depth = depth.checked_sub(1).ok_or(Malformed)?;
+                    i += 1;
                     if depth == 0 {
-                        self.i = i + 1;
+                        self.i = i;
                         return Ok(());
                     }
                 }
-                _ => {}
+                _ => i += 1,
             }
-            i += 1;
         }
+        Err(Malformed)
     }
 
     /// A string at the cursor (on its opening quote); leaves the cursor after the closing quote.

@@ -275,7 +275,8 @@ impl Compiler {
     /// Simplifies and compiles a tree.
     pub(crate) fn add(&mut self, expr: &Expr) -> Compiled {
         let root = self.lower(&fold(expr));
-        Compiled { guard: guard(&root), root }
+        let (guard, root) = split_guard(root);
+        Compiled { guard, root }
     }
 
     pub(crate) fn finish(mut self) -> Shared {
@@ -348,7 +349,7 @@ fn mirror(op: CompareOp) -> CompareOp {
 
 /// Slots held in the [`Env`] itself, without allocating: filters and tables rarely read more
 /// `$body` paths than this.
-const INLINE_SLOTS: usize = 8;
+const INLINE_SLOTS: usize = 16;
 
 /// The `$body` values of an evaluation, by slot number.
 enum Slots<'e> {
@@ -442,7 +443,7 @@ impl<'e> Env<'e> {
     }
 
     /// The dictionary id of an attribute's value.
-    #[inline]
+    #[inline(always)]
     fn id(&mut self, attribute: Attribute) -> u32 {
         let cached = self.ids[attribute as usize];
         if cached != UNKNOWN {
@@ -655,13 +656,15 @@ pub(crate) struct Compiled {
     root: Node,
     /// A condition the filter requires, as a bitmask: the filter can only match when the
     /// attribute's dictionary id is one of the bits. From `attr = 'a'` or `(attr = 'a' OR attr =
-    /// 'b')` at the top level (alone or as an operand of the top-level `AND`). In a route table this
-    /// rejects, say, every telemetry route for a twin event with one bit test.
+    /// 'b')` at the top level (alone or as an operand of the top-level `AND`), then taken out of
+    /// `root`. In a route table this rejects, say, every telemetry route for a twin event with one
+    /// bit test.
     guard: Option<(Attribute, u64)>,
 }
 
-/// The required `attr = one of` condition of a tree, if it has one with ids below 64.
-fn guard(root: &Node) -> Option<(Attribute, u64)> {
+/// Splits off the required `attr = one of` condition of a tree, if it has one with ids below 64:
+/// returns it as a bitmask and the rest of the tree, which no longer needs to test it.
+fn split_guard(root: Node) -> (Option<(Attribute, u64)>, Node) {
     fn one(node: &Node) -> Option<(Attribute, u64)> {
         match node {
             Node::AttrEq { attr, id, ne: false } if *id < 64 => Some((*attr, 1 << id)),
@@ -679,16 +682,27 @@ fn guard(root: &Node) -> Option<(Attribute, u64)> {
         }
     }
     match root {
-        Node::And(items) => items.iter().find_map(one),
-        other => one(other),
+        Node::And(items) => {
+            let Some((at, guard)) = items.iter().enumerate().find_map(|(i, n)| one(n).map(|g| (i, g))) else {
+                return (None, Node::And(items));
+            };
+            let mut rest = items.into_vec();
+            rest.remove(at);
+            let rest = if rest.len() == 1 { rest.pop().expect("one item") } else { Node::And(rest.into()) };
+            (Some(guard), rest)
+        }
+        other => match one(&other) {
+            Some(guard) => (Some(guard), Node::Const(true)),
+            None => (None, other),
+        },
     }
 }
 
 impl Compiled {
     /// `Some(b)` when the filter simplified to a constant.
     pub(crate) fn constant(&self) -> Option<bool> {
-        match self.root {
-            Node::Const(b) => Some(b),
+        match (self.guard, &self.root) {
+            (None, Node::Const(b)) => Some(*b),
             _ => None,
         }
     }
@@ -701,7 +715,7 @@ impl Compiled {
                 return false;
             }
         }
-        self.root.eval(env)
+        self.root.eval_inline(env)
     }
 }
 

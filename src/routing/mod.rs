@@ -29,7 +29,7 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// Distinct endpoint names in first-seen order; [`EndpointSet`] holds indexes into it.
     endpoints: Vec<String>,
-    /// Per route, in `routes` order: the filter compiled against `shared`.
+    /// The routes that can match (not disabled), in `routes` order, compiled against `shared`.
     compiled: Vec<CompiledRoute>,
     /// Every `$body` path of every filter, extracted together, and the attribute dictionaries.
     shared: Shared,
@@ -37,11 +37,10 @@ pub struct RouteTable {
 
 #[derive(Debug, Clone)]
 struct CompiledRoute {
-    /// Index into `endpoints`.
-    endpoint: usize,
+    /// Index into `endpoints`, as the word and bit of an [`EndpointSet`].
+    word: usize,
+    mask: u64,
     filter: Compiled,
-    /// The filter is constant `false`: never evaluated.
-    disabled: bool,
 }
 
 impl RouteTable {
@@ -60,8 +59,14 @@ impl RouteTable {
                     }
                 };
                 let filter = compiler.add(route.filter.expr());
-                CompiledRoute { endpoint, disabled: filter.constant() == Some(false), filter }
+                // A constant `false` filter (a disabled route) is never evaluated.
+                (filter.constant() != Some(false)).then_some(CompiledRoute {
+                    word: endpoint / 64,
+                    mask: 1 << (endpoint % 64),
+                    filter,
+                })
             })
+            .flatten()
             .collect();
         RouteTable { routes, endpoints, compiled, shared: compiler.finish() }
     }
@@ -79,23 +84,23 @@ impl RouteTable {
     pub fn route(&self, event: &CloudEvent) -> EndpointSet {
         let mut env = Env::new(event, &self.shared);
         if self.endpoints.len() <= 128 {
-            // The common case, with the set in a register.
-            let mut chosen = 0u128;
+            // The common case, with the set on the stack.
+            let mut chosen = [0u64; 2];
             for route in &self.compiled {
-                let bit = 1u128 << route.endpoint;
-                if !route.disabled && chosen & bit == 0 && route.filter.eval(&mut env) {
-                    chosen |= bit;
+                let word = &mut chosen[route.word & 1];
+                if *word & route.mask == 0 && route.filter.eval(&mut env) {
+                    *word |= route.mask;
                 }
             }
-            return EndpointSet::from_bits(chosen);
+            return EndpointSet::from_bits(u128::from(chosen[0]) | u128::from(chosen[1]) << 64);
         }
-        let mut set = EndpointSet::new();
+        let mut words: SmallVec<[u64; 2]> = SmallVec::from_elem(0, self.endpoints.len().div_ceil(64));
         for route in &self.compiled {
-            if !route.disabled && !set.contains(route.endpoint) && route.filter.eval(&mut env) {
-                set.insert(route.endpoint);
+            if words[route.word] & route.mask == 0 && route.filter.eval(&mut env) {
+                words[route.word] |= route.mask;
             }
         }
-        set
+        EndpointSet { words }
     }
 
     /// Every route's explanation for the event, in table order (nothing skipped):

@@ -123,6 +123,8 @@ impl SinkFactory for DefaultSinkFactory {
                 | EndpointTarget::Stdout
                 | EndpointTarget::EventHub { .. }
                 | EndpointTarget::ServiceBus { .. }
+                | EndpointTarget::EventGrid { .. }
+                | EndpointTarget::Blob { .. }
         )
     }
 
@@ -145,6 +147,24 @@ impl SinkFactory for DefaultSinkFactory {
                     .map(|s| Arc::new(s) as Arc<dyn Sink>)
                     .map_err(|reason| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason })
             }
+            EndpointTarget::EventGrid { .. } => event_grid::EventGridSink::new(endpoint)
+                .map(|s| Arc::new(s) as Arc<dyn Sink>)
+                .map_err(|reason| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason }),
+            EndpointTarget::Blob { .. } => {
+                let credential = match &endpoint.identity {
+                    Some(identity) => Some(Arc::new(
+                        self.identity.credential(&ManagedIdentityId::from(identity)).map_err(|e| {
+                            SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason: e.message }
+                        })?,
+                    )
+                        as Arc<dyn azure_core::credentials::TokenCredential>),
+                    None => None,
+                };
+                blob::BlobSink::new(endpoint, credential)
+                    .map(|s| Arc::new(s) as Arc<dyn Sink>)
+                    .map_err(|reason| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason })
+            }
+            #[allow(unreachable_patterns)]
             _ => Err(SinkBuildError::Unsupported {
                 endpoint: endpoint.name.clone(),
                 endpoint_type: endpoint.endpoint_type.to_string(),

@@ -372,8 +372,10 @@ async fn service_bus_queue_identity_based_and_topic_key_based() {
 
 #[tokio::test]
 async fn a_refused_identity_makes_the_endpoint_unhealthy_naming_the_role() {
-    let namespace =
-        NamespaceDef { denied_object_ids: vec![DEFAULT_SYSTEM_OBJECT_ID.to_owned()], ..NamespaceDef::default() };
+    let namespace = NamespaceDef {
+        denied_object_ids: vec![DEFAULT_SYSTEM_OBJECT_ID.to_owned()],
+        ..NamespaceDef::default()
+    };
     let stack = stack(AmqpConfig { namespaces: vec![namespace], ..Default::default() }).await;
     let extra = format!(
         "[delivery]\nshutdown_timeout_seconds = 1\n{}[endpoints.twin-hub]\ntype = \"EventHub\"\nauthentication_type = \"IdentityBased\"\n\

@@ -137,7 +137,8 @@ fn verify_jwt(
 fn verify_sas(check: &TokenCheck<'_>, namespace: &NamespaceDef, now: i64) -> Result<Verified, Refusal> {
     let fields = check.token.strip_prefix(SAS_PREFIX).ok_or_else(|| {
         Refusal::unauthorized(
-            "Malformed SAS token: expected 'SharedAccessSignature sr=<uri>&sig=<signature>&se=<expiry>&skn=<key name>'.",
+            "Malformed SAS token: expected \
+             'SharedAccessSignature sr=<uri>&sig=<signature>&se=<expiry>&skn=<key name>'.",
         )
     })?;
     let field = |name: &str| {

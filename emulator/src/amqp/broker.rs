@@ -30,6 +30,7 @@ use fe2o3_amqp_types::messaging::{
 };
 use fe2o3_amqp_types::performatives::Attach;
 use fe2o3_amqp_types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use serde_amqp::descriptor::Descriptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -438,8 +439,10 @@ fn selector_of(attach: &Attach) -> Option<String> {
             _ => return None,
         };
         let is_selector = key.as_str() == SELECTOR_FILTER
-            || matches!(&described.descriptor, serde_amqp::descriptor::Descriptor::Code(SELECTOR_FILTER_CODE))
-            || matches!(&described.descriptor, serde_amqp::descriptor::Descriptor::Name(n) if n.as_str() == SELECTOR_FILTER);
+            || match &described.descriptor {
+                Descriptor::Code(code) => *code == SELECTOR_FILTER_CODE,
+                Descriptor::Name(name) => name.as_str() == SELECTOR_FILTER,
+            };
         match &described.value {
             Value::String(text) if is_selector => Some(text.clone()),
             _ => None,
@@ -1271,7 +1274,6 @@ mod tests {
     use crate::amqp::{HubDef, NamespaceDef};
     use fe2o3_amqp_types::messaging::{Data, Source};
     use serde_amqp::described::Described;
-    use serde_amqp::descriptor::Descriptor;
     use serde_amqp::primitives::Binary;
 
     fn message(body: &[u8]) -> AmqpMessage {

@@ -686,18 +686,19 @@ mod tests {
     fn resolves_addresses() {
         let ns = namespace();
         assert!(matches!(ns.resolve(&path("hub")), Ok(Entity::Hub { partition: None, .. })));
-        assert!(
-            matches!(ns.resolve(&path("HUB/partitions/2")), Ok(Entity::Hub { partition: Some(p), .. }) if p.id == "2")
-        );
+        let partition = ns.resolve(&path("HUB/partitions/2"));
+        assert!(matches!(partition, Ok(Entity::Hub { partition: Some(p), .. }) if p.id == "2"));
         let reader = ns.resolve(&path("hub/ConsumerGroups/$Default/Partitions/0"));
         assert!(matches!(reader, Ok(Entity::HubPartitionReader { group, .. }) if group == "$default"));
         assert!(matches!(ns.resolve(&path("q")), Ok(Entity::Queue { sendable: true, .. })));
+        let dead_letter = ns.resolve(&path("q/$DeadLetterQueue"));
         assert!(
-            matches!(ns.resolve(&path("q/$DeadLetterQueue")), Ok(Entity::Queue { sendable: false, queue }) if queue.path == "q/$DeadLetterQueue")
+            matches!(dead_letter, Ok(Entity::Queue { sendable: false, queue }) if queue.path == "q/$DeadLetterQueue")
         );
         assert!(matches!(ns.resolve(&path("t")), Ok(Entity::Topic(_))));
+        let subscription = ns.resolve(&path("t/Subscriptions/A"));
         assert!(
-            matches!(ns.resolve(&path("t/Subscriptions/A")), Ok(Entity::Queue { sendable: false, queue }) if queue.path == "t/Subscriptions/a")
+            matches!(subscription, Ok(Entity::Queue { sendable: false, queue }) if queue.path == "t/Subscriptions/a")
         );
         for missing in ["nope", "hub/Partitions/3", "hub/x", "t/Subscriptions/c", "q/x", ""] {
             let err = ns.resolve(&path(missing)).err().unwrap_or_else(|| panic!("{missing} resolved"));
