@@ -352,6 +352,8 @@ fn mirror(op: CompareOp) -> CompareOp {
 const INLINE_SLOTS: usize = 16;
 
 /// The `$body` values of an evaluation, by slot number.
+// Large on purpose: it lives on the stack of one evaluation, and the point is not to allocate.
+#[allow(clippy::large_enum_variant)]
 enum Slots<'e> {
     /// No condition has needed the body yet.
     Unread,

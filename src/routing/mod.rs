@@ -7,8 +7,11 @@
 //! An event goes to every endpoint at least one route to it matches, once, however many of its
 //! routes match (ADT delivers once per endpoint). Routes are evaluated in table order; a route to
 //! an endpoint already chosen is skipped, and so is a route whose filter is constant `false`
-//! (a disabled route). The `$body` paths of all filters are gathered into one set when the table is
-//! built, and the body is scanned at most once per event, the first time a route needs it.
+//! (a disabled route). All filters are compiled together when the table is built: the `$body`
+//! paths of all of them are extracted in one scan of the body, at most once per event and only
+//! when a route needs it; each attribute is looked up once per event; and a route that requires,
+//! say, `type` to be one of a few values is skipped with a bit test when it is not (see
+//! `filter::eval`).
 
 use crate::event::CloudEvent;
 use crate::filter::{Compiled, Compiler, Env, Explanation, Filter, Shared};
@@ -50,7 +53,7 @@ impl RouteTable {
         let mut compiler = Compiler::table();
         let compiled = routes
             .iter()
-            .map(|route| {
+            .filter_map(|route| {
                 let endpoint = match endpoints.iter().position(|e| *e == route.endpoint) {
                     Some(i) => i,
                     None => {
@@ -66,7 +69,6 @@ impl RouteTable {
                     filter,
                 })
             })
-            .flatten()
             .collect();
         RouteTable { routes, endpoints, compiled, shared: compiler.finish() }
     }
