@@ -36,7 +36,9 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("sink_encoding_1kb");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("amqp_message_build", |b| b.iter(|| event_message(black_box(&envelope.event), &keyed)));
+    group.bench_function("amqp_message_build", |b| {
+        b.iter(|| event_message(black_box(&envelope.event), &keyed))
+    });
     group.bench_function("amqp_message_build_and_encode", |b| {
         b.iter(|| encode(&event_message(black_box(&envelope.event), &keyed)).unwrap())
     });
@@ -60,7 +62,10 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    for (name, schema) in [("event_grid_cloudevents", EventGridSchema::CloudEvents), ("event_grid_eventgrid", EventGridSchema::EventGrid)] {
+    for (name, schema) in [
+        ("event_grid_cloudevents", EventGridSchema::CloudEvents),
+        ("event_grid_eventgrid", EventGridSchema::EventGrid),
+    ] {
         group.bench_function(name, |b| b.iter(|| build_requests(schema, black_box(&batch), 1_000_000)));
     }
     group.finish();

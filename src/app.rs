@@ -176,7 +176,7 @@ impl Running {
         let identity = Arc::new(IdentityProvider::new(&config.identity, options.imds_transport.clone()));
         let factory =
             options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory::new(identity.clone())));
-        let dispatcher = Arc::new(Dispatcher::new(config.delivery.queue_capacity, factory));
+        let dispatcher = Arc::new(Dispatcher::new(config.delivery.clone(), factory));
         let control = Arc::new(ControlPlane::start(&config, dispatcher.clone(), identity).await?);
         let (stop_servers, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();

@@ -61,7 +61,15 @@ pub enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Dead letters of an endpoint: list them, or replay them to the endpoint.
+    #[command(after_help = crate::deadletter_cli::EXIT_STATUS_HELP)]
+    Deadletter {
+        #[command(subcommand)]
+        command: DeadletterCommand,
+    },
 }
+
+pub use crate::deadletter_cli::DeadletterCommand;
 
 #[derive(Debug, Subcommand)]
 pub enum IdentityCommand {
@@ -149,6 +157,7 @@ pub fn main() -> ExitCode {
             };
             get_token(config.as_deref(), &resource, id, imds_endpoint, show_token)
         }
+        Command::Deadletter { command } => crate::deadletter_cli::main(command),
     }
 }
 

@@ -16,12 +16,14 @@
 //! - [`admin`]: ADT-style `/eventroutes` and `/endpoints`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: the daemon assembled, started and stopped in order.
 //! - [`cli`]: the `twinroute` command line.
+//! - [`deadletter_cli`]: `twinroute deadletter list|replay`: dead letters read back and replayed.
 //! - [`telemetry`]: logs and metrics.
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod deadletter_cli;
 pub mod delivery;
 pub mod event;
 pub mod filter;

@@ -59,6 +59,7 @@ struct PropertiesIn {
     format: Option<String>,
     ca_file: Option<String>,
     custom_endpoint: Option<String>,
+    delivery: Option<crate::config::DeliveryOverrides>,
     /// Read-only in ARM; accepted so a GET body can be PUT back.
     #[allow(dead_code)]
     provisioning_state: Option<String>,
@@ -104,6 +105,7 @@ impl From<PropertiesIn> for EndpointSpec {
             format: p.format,
             ca_file: p.ca_file,
             custom_endpoint: p.custom_endpoint,
+            delivery: p.delivery,
         }
     }
 }
@@ -145,6 +147,8 @@ struct PropertiesOut {
     ca_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     custom_endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery: Option<crate::config::DeliveryOverrides>,
     /// Secret properties, present (as `null`) when set, so a client can see that they are.
     #[serde(flatten)]
     secrets: serde_json::Map<String, serde_json::Value>,
@@ -206,6 +210,7 @@ fn resource(e: &EndpointConfig) -> EndpointResourceOut {
             format: spec.format.clone(),
             ca_file: spec.ca_file.clone(),
             custom_endpoint: spec.custom_endpoint.clone(),
+            delivery: spec.delivery.clone(),
             secrets,
         },
     }

@@ -72,6 +72,9 @@ pub struct EndpointSpec {
     /// Blob: `json` (the default: one blob per event) or `ndjson` (one blob per delivered batch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// Retry and batching overrides for this endpoint (`[delivery]` keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<super::DeliveryOverrides>,
     /// Event Hubs / Service Bus: connect to this AMQP URL instead of the namespace's
     /// (`amqp://host:port` is plain TCP): a local stand-in or emulator, or a proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -504,6 +507,9 @@ impl EndpointSpec {
             None
         };
 
+        if let Some(o) = &self.delivery {
+            problems.extend(super::DeliveryConfig::default().with(Some(o)).problems("delivery"));
+        }
         let target = self.target(endpoint_type, identity_based, &mut problems);
         // A connection string for a development emulator names where to connect.
         let emulator = self.connection_string.as_ref().and_then(|cs| {

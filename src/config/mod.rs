@@ -146,19 +146,72 @@ impl Default for LogConfig {
     }
 }
 
+/// The retry schedule modelled on Event Grid's: about 10 s, 30 s, 1 min, 5 min, 10 min, 30 min,
+/// 1 h, 3 h, 6 h, then every 12 h (the last step repeats).
+pub const DEFAULT_RETRY_SCHEDULE_SECONDS: [u64; 10] = [10, 30, 60, 300, 600, 1800, 3600, 10800, 21600, 43200];
+/// Event Grid's defaults: 30 attempts, 24 h time-to-live, whichever comes first.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 30;
+pub const DEFAULT_TTL_SECONDS: u64 = 24 * 3600;
+/// Each wait is moved by up to ±20 % at random so retries of many events do not arrive together.
+pub const DEFAULT_JITTER: f64 = 0.2;
+/// Bytes of events held for delivery (all endpoints) before ingest answers 503: 256 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
+/// A delivery batch holds at most this many events and bytes.
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 256;
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 1024 * 1024;
+/// After the first event of a batch, wait this long for more before sending (0: send at once).
+pub const DEFAULT_LINGER_MS: u64 = 2;
+
+/// Retry and batching settings; `[delivery]` sets the defaults, an endpoint's `delivery = {..}`
+/// overrides any of them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_schedule_seconds: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_max_events: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_max_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linger_ms: Option<u64>,
+}
+
 /// `[delivery]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DeliveryConfig {
     pub queue_capacity: usize,
+    pub max_queued_bytes: usize,
     pub shutdown_timeout_seconds: u64,
+    pub max_attempts: u32,
+    pub ttl_seconds: u64,
+    pub retry_schedule_seconds: Vec<u64>,
+    pub jitter: f64,
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub linger_ms: u64,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             shutdown_timeout_seconds: DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            ttl_seconds: DEFAULT_TTL_SECONDS,
+            retry_schedule_seconds: DEFAULT_RETRY_SCHEDULE_SECONDS.to_vec(),
+            jitter: DEFAULT_JITTER,
+            batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            linger_ms: DEFAULT_LINGER_MS,
         }
     }
 }
@@ -166,6 +219,45 @@ impl Default for DeliveryConfig {
 impl DeliveryConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_seconds)
+    }
+
+    /// These settings with an endpoint's overrides applied.
+    pub fn with(&self, o: Option<&DeliveryOverrides>) -> DeliveryConfig {
+        let Some(o) = o else { return self.clone() };
+        DeliveryConfig {
+            max_attempts: o.max_attempts.unwrap_or(self.max_attempts),
+            ttl_seconds: o.ttl_seconds.unwrap_or(self.ttl_seconds),
+            retry_schedule_seconds: o
+                .retry_schedule_seconds
+                .clone()
+                .unwrap_or_else(|| self.retry_schedule_seconds.clone()),
+            jitter: o.jitter.unwrap_or(self.jitter),
+            batch_max_events: o.batch_max_events.unwrap_or(self.batch_max_events),
+            batch_max_bytes: o.batch_max_bytes.unwrap_or(self.batch_max_bytes),
+            linger_ms: o.linger_ms.unwrap_or(self.linger_ms),
+            ..self.clone()
+        }
+    }
+
+    /// Every problem with these settings, each naming its key under `prefix`.
+    pub fn problems(&self, prefix: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.max_attempts == 0 {
+            p.push(format!("{prefix}.max_attempts: must be at least 1"));
+        }
+        if self.ttl_seconds == 0 {
+            p.push(format!("{prefix}.ttl_seconds: must be positive"));
+        }
+        if self.retry_schedule_seconds.is_empty() || self.retry_schedule_seconds.contains(&0) {
+            p.push(format!("{prefix}.retry_schedule_seconds: must list positive waits, e.g. [10, 30, 60]"));
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            p.push(format!("{prefix}.jitter: must be between 0 and 1"));
+        }
+        if self.batch_max_events == 0 || self.batch_max_bytes == 0 {
+            p.push(format!("{prefix}: batch_max_events and batch_max_bytes must be positive"));
+        }
+        p
     }
 }
 
@@ -513,6 +605,10 @@ impl Config {
         if delivery.queue_capacity == 0 {
             problems.push("delivery.queue_capacity: must be positive".into());
         }
+        if delivery.max_queued_bytes == 0 {
+            problems.push("delivery.max_queued_bytes: must be positive".into());
+        }
+        problems.extend(delivery.problems("delivery"));
         if let Err(e) = log.level.parse::<tracing_subscriber::EnvFilter>() {
             problems.push(format!("log.level: {:?} is not a log filter ({e})", log.level));
         }

@@ -6,38 +6,56 @@
 //! worker across swaps; one that changed or went away drains what it had, against the
 //! configuration those events were accepted with, then stops.
 
-use crate::config::EndpointConfig;
+pub mod deadletter;
+pub mod retry;
+mod worker;
+
+use crate::config::{DeliveryConfig, EndpointConfig};
 use crate::event::CloudEvent;
 use crate::routing::{Route, RouteTable};
-use crate::sinks::{DeliveryOutcome, Sink, SinkBuildError, SinkFactory};
+use crate::sinks::{Sink, SinkBuildError, SinkFactory};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Most events a worker hands its sink at once.
-pub const MAX_BATCH_EVENTS: usize = 256;
-/// Backoff between attempts of a failing batch: doubling from the first to the cap. The full
-/// retry policy (schedule, TTL, dead-lettering) replaces this with the delivery engine.
-const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(200);
-const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(30);
-
 /// An accepted event on its way: shared by every endpoint it was routed to.
 #[derive(Debug)]
 pub struct Envelope {
     pub event: CloudEvent,
-    /// When ingest accepted it, for delivery latency.
-    pub received_at: Instant,
-    /// The same moment on the wall clock (UTC), for blob paths and dead-letter metadata.
+    /// When ingest accepted it, on tokio's clock: delivery latency and the time-to-live count
+    /// from it (a paused test clock drives both).
+    pub received_at: tokio::time::Instant,
+    /// The same moment on the wall clock (UTC), for blob paths, TTLs and dead-letter metadata.
     pub accepted_at: time::OffsetDateTime,
+    /// Its share of the queued-bytes budget, given back when the last endpoint is done with it.
+    budget: Option<BudgetShare>,
 }
 
 impl Envelope {
     pub fn new(event: CloudEvent) -> Self {
-        Self { event, received_at: Instant::now(), accepted_at: time::OffsetDateTime::now_utc() }
+        Self {
+            event,
+            received_at: tokio::time::Instant::now(),
+            accepted_at: time::OffsetDateTime::now_utc(),
+            budget: None,
+        }
+    }
+}
+
+/// Bytes taken from the dispatcher's budget by one envelope.
+#[derive(Debug)]
+struct BudgetShare {
+    budget: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -56,10 +74,16 @@ pub enum Health {
 /// Counters and state of one endpoint, read by the admin API.
 #[derive(Debug)]
 pub struct EndpointStats {
+    /// Events routed to the endpoint.
     pub queued: AtomicU64,
     pub delivered: AtomicU64,
     pub failed_attempts: AtomicU64,
+    /// Events given up on and written to the dead-letter store.
+    pub dead_lettered: AtomicU64,
+    /// Events given up on with no dead-letter store (counted and logged, as ADT drops them).
     pub dropped: AtomicU64,
+    /// Events waiting for a retry (in the worker, out of the queue).
+    pub retrying: AtomicU64,
     /// Health and its reason; a watch so tests and the admin API can wait for a change.
     health: tokio::sync::watch::Sender<(Health, Option<String>)>,
 }
@@ -70,13 +94,23 @@ impl Default for EndpointStats {
             queued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            retrying: AtomicU64::new(0),
             health: tokio::sync::watch::Sender::new((Health::Healthy, None)),
         }
     }
 }
 
 impl EndpointStats {
+    /// Events accepted for this endpoint and not yet delivered, dead-lettered or dropped.
+    pub fn outstanding(&self) -> u64 {
+        let done = self.delivered.load(Ordering::Relaxed)
+            + self.dead_lettered.load(Ordering::Relaxed)
+            + self.dropped.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(done)
+    }
+
     fn set_health(&self, health: Health, reason: Option<String>) {
         self.health.send_if_modified(|current| {
             let changed = current.0 != health || current.1 != reason;
@@ -129,6 +163,10 @@ pub struct Snapshot {
 pub enum Refusal {
     #[error("the queue of endpoint {endpoint} is full")]
     Full { endpoint: String },
+    #[error(
+        "{queued} bytes of events are waiting for delivery, the limit is {limit} (delivery.max_queued_bytes)"
+    )]
+    Bytes { queued: usize, limit: usize },
     #[error("twinroute is shutting down and accepts no more events")]
     ShuttingDown,
 }
@@ -149,7 +187,10 @@ pub struct Dispatcher {
     snapshot: ArcSwap<Snapshot>,
     /// Cleared at shutdown: from then on every submission is refused.
     open: AtomicBool,
-    queue_capacity: usize,
+    /// Queue sizes, the byte bound, and the retry and batching defaults endpoints override.
+    config: DeliveryConfig,
+    /// Bytes of accepted events not yet done with (all endpoints): the backpressure bound.
+    queued_bytes: Arc<AtomicUsize>,
     /// Builds the sink of each new or changed endpoint.
     factory: Arc<dyn SinkFactory>,
     /// Every worker ever started, so shutdown can wait for all of them, including those of
@@ -159,7 +200,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher with no routes and no endpoints.
-    pub fn new(queue_capacity: usize, factory: Arc<dyn SinkFactory>) -> Self {
+    pub fn new(config: DeliveryConfig, factory: Arc<dyn SinkFactory>) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 table: RouteTable::new(Vec::new()),
@@ -167,7 +208,8 @@ impl Dispatcher {
                 endpoints: BTreeMap::new(),
             }),
             open: AtomicBool::new(true),
-            queue_capacity,
+            config,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
             factory,
             workers: Mutex::new(Vec::new()),
         }
@@ -199,7 +241,8 @@ impl Dispatcher {
                 Some(h) if h.config == *config => h.clone(),
                 _ => {
                     let sink = self.factory.build(config).await?;
-                    let (handle, worker) = self.start_endpoint(config.clone(), sink);
+                    let dead_letters = self.factory.dead_letters(config).await?;
+                    let (handle, worker) = self.start_endpoint(config.clone(), sink, dead_letters);
                     started.push(worker);
                     handle
                 }
@@ -222,12 +265,31 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn start_endpoint(&self, config: EndpointConfig, sink: Arc<dyn Sink>) -> (Arc<EndpointHandle>, Worker) {
-        let (sender, receiver) = mpsc::channel(self.queue_capacity);
+    fn start_endpoint(
+        &self,
+        config: EndpointConfig,
+        sink: Arc<dyn Sink>,
+        dead_letters: Option<Arc<dyn deadletter::DeadLetterStore>>,
+    ) -> (Arc<EndpointHandle>, Worker) {
+        let (sender, receiver) = mpsc::channel(self.config.queue_capacity);
         let stats = Arc::new(EndpointStats::default());
         let name = config.name.clone();
-        let worker = tokio::spawn(run_worker(name.clone(), sink, receiver, stats.clone()));
-        (Arc::new(EndpointHandle { config, sender, stats: stats.clone() }), (name, stats, worker))
+        let settings = self.config.with(config.spec.delivery.as_ref());
+        let context = worker::WorkerContext {
+            name: name.clone(),
+            sink,
+            dead_letters,
+            policy: retry::RetryPolicy::from_config(&settings),
+            batch_max_events: settings.batch_max_events,
+            batch_max_bytes: settings.batch_max_bytes,
+            linger: Duration::from_millis(settings.linger_ms),
+            // Hold at most a queue's worth of events for retry; beyond that the queue backs up
+            // and ingest answers 503.
+            max_retrying: self.config.queue_capacity,
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(worker::run(context, receiver));
+        (Arc::new(EndpointHandle { config, sender, stats: stats.clone() }), (name, stats, task))
     }
 
     /// Routes `events` and queues each on every endpoint it matched: all of them, or none
@@ -247,6 +309,15 @@ impl Dispatcher {
             for i in set.iter() {
                 needed[i] += 1;
             }
+        }
+        // The byte bound first: memory stays bounded whatever the queue lengths.
+        let bytes: usize =
+            events.iter().zip(&sets).filter(|(_, s)| !s.is_empty()).map(|(e, _)| e.size_hint()).sum();
+        let queued = self.queued_bytes.load(Ordering::Acquire);
+        if bytes > 0 && queued + bytes > self.config.max_queued_bytes {
+            metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
+                .increment(events.len() as u64);
+            return Err(Refusal::Bytes { queued, limit: self.config.max_queued_bytes });
         }
         // Reserve room in every queue first, so a batch is queued whole or not at all.
         let mut permits = Vec::with_capacity(needed.len());
@@ -273,7 +344,11 @@ impl Dispatcher {
                 accepted.unmatched += 1;
                 continue;
             }
-            let envelope = Arc::new(Envelope::new(event));
+            let bytes = event.size_hint();
+            self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+            let mut envelope = Envelope::new(event);
+            envelope.budget = Some(BudgetShare { budget: self.queued_bytes.clone(), bytes });
+            let envelope = Arc::new(envelope);
             for i in set.iter() {
                 let permit = permits[i]
                     .as_mut()
@@ -323,8 +398,7 @@ impl Dispatcher {
                 worker.abort();
                 let _ = worker.await;
             }
-            let delivered = stats.delivered.load(Ordering::Relaxed) + stats.dropped.load(Ordering::Relaxed);
-            let remaining = stats.queued.load(Ordering::Relaxed).saturating_sub(delivered);
+            let remaining = stats.outstanding();
             if remaining > 0 {
                 left.push((name, remaining));
             }
@@ -333,91 +407,9 @@ impl Dispatcher {
     }
 }
 
-async fn run_worker(
-    name: String,
-    sink: Arc<dyn Sink>,
-    mut queue: mpsc::Receiver<Arc<Envelope>>,
-    stats: Arc<EndpointStats>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
-    let depth = metrics::gauge!("twinroute_endpoint_queue_depth", "endpoint" => name.clone());
-    let delivered = metrics::counter!("twinroute_events_delivered_total", "endpoint" => name.clone());
-    let latency = metrics::histogram!("twinroute_delivery_duration_seconds", "endpoint" => name.clone());
-    while queue.recv_many(&mut batch, MAX_BATCH_EVENTS).await > 0 {
-        depth.set(queue.len() as f64);
-        let mut attempt = 0u32;
-        let mut refreshed = false;
-        loop {
-            match sink.deliver(&batch).await {
-                DeliveryOutcome::Delivered => {
-                    let n = batch.len() as u64;
-                    stats.delivered.fetch_add(n, Ordering::Relaxed);
-                    delivered.increment(n);
-                    for envelope in &batch {
-                        latency.record(envelope.received_at.elapsed().as_secs_f64());
-                    }
-                    if attempt > 0 {
-                        tracing::info!(endpoint = %name, attempts = attempt + 1, "delivery recovered");
-                    }
-                    stats.set_health(Health::Healthy, None);
-                    break;
-                }
-                DeliveryOutcome::Permanent { reason } => {
-                    let n = batch.len() as u64;
-                    stats.dropped.fetch_add(n, Ordering::Relaxed);
-                    metrics::counter!("twinroute_delivery_failures_total", "endpoint" => name.clone(), "reason" => "permanent").increment(n);
-                    metrics::counter!("twinroute_events_dropped_total", "endpoint" => name.clone())
-                        .increment(n);
-                    tracing::error!(endpoint = %name, events = n, %reason, "delivery refused permanently; events dropped");
-                    break;
-                }
-                DeliveryOutcome::AuthFailure { reason } if !refreshed => {
-                    // Once per batch: fresh credentials, then straight back to it.
-                    refreshed = true;
-                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("twinroute_delivery_failures_total", "endpoint" => name.clone(), "reason" => "auth").increment(1);
-                    tracing::warn!(endpoint = %name, %reason, "delivery refused for credentials; refreshing them and retrying");
-                    sink.refresh_credentials().await;
-                }
-                outcome @ (DeliveryOutcome::Transient { .. } | DeliveryOutcome::AuthFailure { .. }) => {
-                    let (label, health, reason, hint) = match outcome {
-                        DeliveryOutcome::Transient { reason, after } => {
-                            ("transient", Health::Degraded, reason, after)
-                        }
-                        DeliveryOutcome::AuthFailure { reason } => ("auth", Health::Unhealthy, reason, None),
-                        _ => unreachable!("matched above"),
-                    };
-                    attempt += 1;
-                    stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("twinroute_delivery_failures_total", "endpoint" => name.clone(), "reason" => label).increment(1);
-                    let wait = hint.unwrap_or_else(|| backoff(attempt));
-                    tracing::warn!(endpoint = %name, attempt, retry_in_ms = wait.as_millis() as u64, %reason, "delivery failed; will retry");
-                    stats.set_health(health, Some(reason));
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-        batch.clear();
-        depth.set(queue.len() as f64);
-    }
-    if let Err(e) = sink.flush().await {
-        tracing::error!(endpoint = %name, error = %e, "flushing the endpoint at shutdown failed");
-    }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    RETRY_BACKOFF_FIRST.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(RETRY_BACKOFF_CAP)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(200));
-        assert_eq!(backoff(2), Duration::from_millis(400));
-        assert_eq!(backoff(5), Duration::from_millis(3200));
-        assert_eq!(backoff(30), RETRY_BACKOFF_CAP);
+impl Dispatcher {
+    /// Bytes of accepted events held for delivery now (the backpressure gauge).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
     }
 }

@@ -19,8 +19,8 @@
 use serde_json::Value;
 use std::borrow::Cow;
 
-/// The largest number of distinct paths one trie can hold (slot numbers are `u16`).
-pub(crate) const MAX_SLOTS: usize = u16::MAX as usize;
+/// A slot number: the index of a path's value in an extraction.
+pub(crate) type SlotId = u32;
 
 /// The set of `$body` paths to extract; each distinct path has a slot number.
 #[derive(Debug, Clone)]
@@ -33,12 +33,12 @@ pub(crate) struct PathTrie {
 #[derive(Debug, Clone, Default)]
 struct TrieNode {
     /// The slot receiving the value at this path, when some filter reads it.
-    slot: Option<u16>,
+    slot: Option<SlotId>,
     /// Member name to child node.
     children: Vec<(Box<str>, u32)>,
     /// Every slot at or under this node: reset when the node's value is (re)visited, so a repeated
     /// member replaces everything the earlier one set.
-    subtree_slots: Box<[u16]>,
+    subtree_slots: Box<[SlotId]>,
 }
 
 /// A value found at a path.
@@ -69,13 +69,13 @@ impl PathTrie {
     }
 
     /// The path of a slot.
-    pub fn path(&self, slot: u16) -> &[Box<str>] {
+    pub fn path(&self, slot: SlotId) -> &[Box<str>] {
         self.paths.get(slot as usize).map_or(&[], |p| &p[..])
     }
 
     /// Adds a path (the segments after `$body`) and returns its slot; a path already present keeps
     /// its slot. Call [`PathTrie::finish`] after the last insertion.
-    pub fn insert<S: AsRef<str>>(&mut self, path: &[S]) -> u16 {
+    pub fn insert<S: AsRef<str>>(&mut self, path: &[S]) -> SlotId {
         let mut node = 0usize;
         for segment in path {
             let segment = segment.as_ref();
@@ -97,8 +97,8 @@ impl PathTrie {
         match self.nodes[node].slot {
             Some(slot) => slot,
             None => {
-                assert!(self.paths.len() < MAX_SLOTS, "too many distinct $body paths");
-                let slot = self.paths.len() as u16;
+                // A table has far fewer than 2^32 paths: filters are at most 4096 bytes.
+                let slot = self.paths.len() as SlotId;
                 self.paths.push(path.iter().map(|s| s.as_ref().into()).collect());
                 self.nodes[node].slot = Some(slot);
                 slot
@@ -107,7 +107,7 @@ impl PathTrie {
     }
 
     /// The slot of a path inserted earlier.
-    pub fn lookup<S: AsRef<str>>(&self, path: &[S]) -> Option<u16> {
+    pub fn lookup<S: AsRef<str>>(&self, path: &[S]) -> Option<SlotId> {
         let mut node = 0usize;
         for segment in path {
             node = self.nodes[node]
@@ -123,7 +123,7 @@ impl PathTrie {
     pub fn finish(&mut self) {
         // Children always come after their parent, so walking backwards sees children first.
         for i in (0..self.nodes.len()).rev() {
-            let mut all: Vec<u16> = self.nodes[i].slot.into_iter().collect();
+            let mut all: Vec<SlotId> = self.nodes[i].slot.into_iter().collect();
             for &(_, child) in &self.nodes[i].children {
                 all.extend_from_slice(&self.nodes[child as usize].subtree_slots);
             }
@@ -536,7 +536,7 @@ mod tests {
 
     fn extract<'a>(paths: &[&[&str]], json: &'a str) -> Vec<Slot<'a>> {
         let mut trie = PathTrie::default();
-        let ids: Vec<u16> = paths.iter().map(|p| trie.insert(p)).collect();
+        let ids: Vec<SlotId> = paths.iter().map(|p| trie.insert(p)).collect();
         trie.finish();
         let mut slots = vec![Slot::Missing; trie.slot_count()];
         trie.extract(json.as_bytes(), &mut slots);
@@ -599,8 +599,9 @@ mod tests {
         assert!(trie.extract(json.as_bytes(), &mut scanned));
         let value: Value = serde_json::from_str(json).unwrap();
         for (slot, found) in scanned.iter().enumerate() {
-            let parsed = lookup_parsed(&value, trie.path(slot as u16)).map_or(Val::Missing, Val::from_json);
-            assert_eq!(Val::from_slot(found), parsed, "{:?}", trie.path(slot as u16));
+            let parsed =
+                lookup_parsed(&value, trie.path(slot as SlotId)).map_or(Val::Missing, Val::from_json);
+            assert_eq!(Val::from_slot(found), parsed, "{:?}", trie.path(slot as SlotId));
         }
         assert_eq!(scanned[0], Slot::Int(2));
     }

@@ -16,7 +16,7 @@
 //! escapes and extracting more than 16 distinct `$body` paths.
 
 use super::ast::{CompareOp, Expr, Field, Function, Literal, Operand};
-use super::body::{lookup_parsed, PathTrie, Slot};
+use super::body::{lookup_parsed, PathTrie, Slot, SlotId};
 use crate::event::{Attribute, CloudEvent, DataEncoding, SPEC_VERSION};
 use memchr::memmem;
 use std::cmp::Ordering;
@@ -427,7 +427,7 @@ impl<'e> Env<'e> {
 
     /// The value in a slot; [`Env::extract`] must have run.
     #[inline]
-    pub(crate) fn slot(&self, slot: u16) -> Val<'_> {
+    pub(crate) fn slot(&self, slot: SlotId) -> Val<'_> {
         let found = match &self.slots {
             Slots::Inline(inline) => inline.get(slot as usize),
             Slots::Heap(heap) => heap.get(slot as usize),
@@ -462,7 +462,7 @@ impl<'e> Env<'e> {
 enum Opnd {
     Attr(Attribute),
     /// A `$body` path, by slot number in the [`Shared`] trie.
-    Body(u16),
+    Body(SlotId),
     Str(Box<str>),
     Int(i64),
     Float(f64),
@@ -570,12 +570,12 @@ enum Node {
     },
     /// `FUNC($body.path, 'lit')`.
     BodyCall {
-        slot: u16,
+        slot: SlotId,
         needle: Needle,
     },
     /// `$body.path op literal`.
     BodyLit {
-        slot: u16,
+        slot: SlotId,
         op: CompareOp,
         lit: Opnd,
     },

@@ -172,7 +172,7 @@ async fn post_events(State(state): State<IngestState>, headers: HeaderMap, body:
             Json(AcceptedBody { accepted: accepted.events, unmatched: accepted.unmatched }),
         )
             .into_response(),
-        Err(refusal @ Refusal::Full { .. }) => unavailable(
+        Err(refusal @ (Refusal::Full { .. } | Refusal::Bytes { .. })) => unavailable(
             limits.retry_after_seconds,
             format!("{refusal}; nothing of this request was accepted, retry after the delay"),
         ),

@@ -95,7 +95,7 @@ async fn submit(dispatcher: &Dispatcher, pending: &mut Vec<CloudEvent>, report: 
                 pending.clear();
                 return true;
             }
-            Err(Refusal::Full { .. }) => tokio::time::sleep(FULL_WAIT).await,
+            Err(Refusal::Full { .. } | Refusal::Bytes { .. }) => tokio::time::sleep(FULL_WAIT).await,
             Err(Refusal::ShuttingDown) => return false,
         }
     }

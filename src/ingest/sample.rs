@@ -144,7 +144,7 @@ pub async fn run(dispatcher: &Dispatcher, events_per_second: f64, twins: usize, 
         match dispatcher.submit(vec![event], "sample") {
             Ok(_) => sent += 1,
             // A full queue just skips a sample: it is made up anyway, and counted as rejected.
-            Err(Refusal::Full { .. }) => {}
+            Err(Refusal::Full { .. } | Refusal::Bytes { .. }) => {}
             Err(Refusal::ShuttingDown) => return,
         }
     }

@@ -72,6 +72,14 @@ pub trait SinkFactory: Send + Sync + 'static {
     fn supports(&self, endpoint: &EndpointConfig) -> bool;
     /// Builds the sink; IO errors (a file that cannot be opened) are reported here.
     async fn build(&self, endpoint: &EndpointConfig) -> Result<Arc<dyn Sink>, SinkBuildError>;
+
+    /// The endpoint's dead-letter store, if it has one.
+    async fn dead_letters(
+        &self,
+        _endpoint: &EndpointConfig,
+    ) -> Result<Option<Arc<dyn crate::delivery::deadletter::DeadLetterStore>>, SinkBuildError> {
+        Ok(None)
+    }
 }
 
 /// The sinks of this build. Identity-based endpoints get their credentials from `identity`.
@@ -83,6 +91,36 @@ pub struct DefaultSinkFactory {
 impl DefaultSinkFactory {
     pub fn new(identity: Arc<IdentityProvider>) -> Self {
         Self { identity }
+    }
+
+    /// A Blob writer for a dead-letter container, with the endpoint's identity or SAS.
+    pub fn dead_letter_writer(
+        &self,
+        endpoint: &EndpointConfig,
+    ) -> Result<Option<blob::BlobWriter>, SinkBuildError> {
+        let invalid = |reason: String| SinkBuildError::Invalid { endpoint: endpoint.name.clone(), reason };
+        let (url, credential) = match &endpoint.dead_letter {
+            None => return Ok(None),
+            Some(crate::config::DeadLetter::Identity(url)) => {
+                let identity = endpoint
+                    .identity
+                    .as_ref()
+                    .ok_or_else(|| invalid("dead_letter_uri needs an identity".into()))?;
+                let credential = self
+                    .identity
+                    .credential(&ManagedIdentityId::from(identity))
+                    .map_err(|e| invalid(e.message))?;
+                (url.clone(), Some(Arc::new(credential) as Arc<dyn azure_core::credentials::TokenCredential>))
+            }
+            Some(crate::config::DeadLetter::Sas(sas)) => {
+                let url = url::Url::parse(sas.expose())
+                    .map_err(|_| invalid("dead_letter_secret is not a URL".into()))?;
+                (url, None)
+            }
+        };
+        blob::BlobWriter::new(&url, credential, endpoint.ca_file.as_deref())
+            .map(Some)
+            .map_err(|e| invalid(format!("dead-letter store: {e}")))
     }
 
     /// The AMQP credentials of an Event Hubs / Service Bus endpoint.
@@ -116,6 +154,16 @@ impl DefaultSinkFactory {
 
 #[async_trait]
 impl SinkFactory for DefaultSinkFactory {
+    async fn dead_letters(
+        &self,
+        endpoint: &EndpointConfig,
+    ) -> Result<Option<Arc<dyn crate::delivery::deadletter::DeadLetterStore>>, SinkBuildError> {
+        Ok(self.dead_letter_writer(endpoint)?.map(|w| {
+            Arc::new(crate::delivery::deadletter::BlobDeadLetters::new(w))
+                as Arc<dyn crate::delivery::deadletter::DeadLetterStore>
+        }))
+    }
+
     fn supports(&self, endpoint: &EndpointConfig) -> bool {
         matches!(
             endpoint.target,

@@ -33,12 +33,12 @@ const ACCOUNT_KEY: &str =
 const SAS_VERSION: &str = "2022-11-02";
 
 /// Where Azurite runs and the CA its certificate chains to.
-struct Azurite {
-    blob: String,
-    ca: PathBuf,
+pub(crate) struct Azurite {
+    pub(crate) blob: String,
+    pub(crate) ca: PathBuf,
 }
 
-fn azurite() -> Azurite {
+pub(crate) fn azurite() -> Azurite {
     let (Ok(blob), Ok(ca)) = (std::env::var("TEST_AZURITE_BLOB"), std::env::var("TEST_AZURITE_CA")) else {
         panic!(
             "TEST_AZURITE_BLOB and TEST_AZURITE_CA are not set: the Blob tests need \
@@ -50,12 +50,12 @@ fn azurite() -> Azurite {
 }
 
 /// A container name no other test uses.
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// A managed-identity credential from a fresh IMDS stand-in (kept alive with it).
-async fn identity() -> (ImdsStandIn, Arc<dyn TokenCredential>) {
+pub(crate) async fn identity() -> (ImdsStandIn, Arc<dyn TokenCredential>) {
     let imds = ImdsStandIn::start(ImdsConfig::default()).await.unwrap();
     let options = ImdsOptions::new(imds.token_url().parse().unwrap(), ManagedIdentityId::SystemAssigned);
     (imds, Arc::new(options.credential()))
@@ -77,7 +77,7 @@ fn admin_client(az: &Azurite, container: &str, credential: Arc<dyn TokenCredenti
 }
 
 /// Creates a container and returns the client for it.
-async fn create_container(
+pub(crate) async fn create_container(
     az: &Azurite,
     container: &str,
     credential: Arc<dyn TokenCredential>,
@@ -88,7 +88,7 @@ async fn create_container(
 }
 
 /// Every blob of a container: name -> (body, content type), read with the SDK.
-async fn read_back(client: &BlobContainerClient) -> BTreeMap<String, (Vec<u8>, Option<String>)> {
+pub(crate) async fn read_back(client: &BlobContainerClient) -> BTreeMap<String, (Vec<u8>, Option<String>)> {
     let mut pages = client.list_blobs(None).unwrap().into_pages();
     let mut out = BTreeMap::new();
     while let Some(page) = pages.try_next().await.unwrap() {
@@ -104,7 +104,7 @@ async fn read_back(client: &BlobContainerClient) -> BTreeMap<String, (Vec<u8>, O
 }
 
 /// A service SAS for a container (`sr=c`), signed with the account key: the query string.
-fn container_sas(container: &str, permissions: &str, expiry: OffsetDateTime) -> String {
+pub(crate) fn container_sas(container: &str, permissions: &str, expiry: OffsetDateTime) -> String {
     let expiry =
         expiry.replace_nanosecond(0).unwrap().format(&time::format_description::well_known::Rfc3339).unwrap();
     // The string-to-sign of service SAS versions 2020-12-06 and later: permissions, start, expiry,
@@ -142,7 +142,7 @@ fn container_sas(container: &str, permissions: &str, expiry: OffsetDateTime) -> 
     query.finish()
 }
 
-fn in_an_hour() -> OffsetDateTime {
+pub(crate) fn in_an_hour() -> OffsetDateTime {
     OffsetDateTime::now_utc() + time::Duration::hours(1)
 }
 

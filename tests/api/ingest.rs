@@ -175,13 +175,15 @@ async fn size_limits_are_413s() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted() {
-    let app = spawn_app(&format!("{ALL_TO_A}[delivery]\nqueue_capacity = 2\n")).await;
+    let app =
+        spawn_app(&format!("{ALL_TO_A}[delivery]\nqueue_capacity = 2\nretry_schedule_seconds = [1]\n")).await;
     let sink = app.sink("hub-a");
     sink.fail_with(Some(DeliveryOutcome::Transient { reason: "down for the test".into(), after: None }));
     let mut accepted = Vec::new();
     let mut refused = 0;
-    // The worker holds one batch while failing; the queue holds two more.
-    for i in 0..6 {
+    // The worker holds what it took before the first failure (it then takes nothing new until
+    // the retry is due); the queue holds two more; the rest is refused.
+    for i in 0..10 {
         let event = twin_create(&format!("t{i}"));
         let response = app.post_event(&event).await;
         match response.status().as_u16() {

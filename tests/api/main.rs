@@ -4,6 +4,8 @@ mod admin;
 mod amqp;
 mod blob;
 mod cli;
+mod deadletter;
+mod delivery;
 mod event_grid;
 mod helpers;
 mod identity;

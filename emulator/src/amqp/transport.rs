@@ -73,46 +73,6 @@ pub(crate) struct ClientStream {
     inner: TcpStream,
     kill: Arc<KillSwitch>,
     sniffer: OpenSniffer,
-    dbg_in: FrameLog,
-    dbg_out: FrameLog,
-}
-
-// TEMP-DEBUG
-struct FrameLog {
-    dir: &'static str,
-    port: u16,
-    buf: Vec<u8>,
-    amqp: bool,
-}
-impl FrameLog {
-    fn feed(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-        loop {
-            if self.buf.len() >= 8 && &self.buf[..4] == b"AMQP" {
-                self.amqp = self.buf[4] == 0;
-                self.buf.drain(..8);
-                continue;
-            }
-            if self.buf.len() < 8 { return; }
-            let size = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-            if self.buf.len() < size { return; }
-            let doff = usize::from(self.buf[4]) * 4;
-            let ch = u16::from_be_bytes([self.buf[6], self.buf[7]]);
-            if self.amqp && size > doff {
-                let mut de = serde_amqp::de::Deserializer::new(serde_amqp::read::SliceReader::new(&self.buf[doff..size]));
-                let p: Result<fe2o3_amqp_types::performatives::Performative, _> = serde::Deserialize::deserialize(&mut de);
-                let text = match p {
-                    Ok(fe2o3_amqp_types::performatives::Performative::Transfer(t)) => format!("Transfer(handle={:?} id={:?} settled={:?} more={})", t.handle, t.delivery_id, t.settled, t.more),
-                    Ok(p) => { let t = format!("{p:?}"); t.chars().take(400).collect() }
-                    Err(e) => format!("undecodable {e}"),
-                };
-                tracing::trace!(port = self.port, dir = self.dir, ch, size, "FRAME {text}");
-            } else if self.amqp {
-                tracing::trace!(port = self.port, dir = self.dir, ch, "FRAME empty");
-            }
-            self.buf.drain(..size);
-        }
-    }
 }
 
 impl fmt::Debug for ClientStream {
@@ -124,14 +84,7 @@ impl fmt::Debug for ClientStream {
 impl ClientStream {
     /// `hostname` receives the `open` frame's hostname (`None` inside if the client sent none).
     pub fn new(inner: TcpStream, kill: Arc<KillSwitch>, hostname: Arc<Mutex<Option<String>>>) -> Self {
-        let port = inner.peer_addr().map(|a| a.port()).unwrap_or(0);
-        ClientStream {
-            inner,
-            kill,
-            sniffer: OpenSniffer { buffer: Vec::new(), done: false, hostname },
-            dbg_in: FrameLog { dir: "in", port, buf: Vec::new(), amqp: false },
-            dbg_out: FrameLog { dir: "out", port, buf: Vec::new(), amqp: false },
-        }
+        ClientStream { inner, kill, sniffer: OpenSniffer { buffer: Vec::new(), done: false, hostname } }
     }
 }
 
@@ -145,7 +98,6 @@ impl AsyncRead for ClientStream {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &result {
             this.sniffer.feed(&buf.filled()[before..]);
-            this.dbg_in.feed(&buf.filled()[before..]);
         }
         result
     }
@@ -157,11 +109,7 @@ impl AsyncWrite for ClientStream {
         if this.kill.park(WRITE, cx.waker()) {
             return Poll::Ready(Err(killed()));
         }
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            this.dbg_out.feed(&buf[..*n]);
-        }
-        r
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -17,6 +17,8 @@ use azure_core_amqp::{
 };
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -32,6 +34,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVER_BUSY_BACKOFF: Duration = Duration::from_secs(4);
 /// Used when a link does not say its maximum message size.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
+/// How long each step of closing (detach, end, close) may take.
+const CLOSE_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the AMQP thread of a dropped client keeps running, so the detach, end and close
+/// its handles start when dropped can finish.
+const DROP_GRACE: Duration = Duration::from_secs(5);
 
 /// How an endpoint authenticates on AMQP.
 #[derive(Clone)]
@@ -74,13 +81,14 @@ pub struct AmqpTargetConfig {
     pub auth: AmqpAuth,
 }
 
-/// An open connection with what hangs off it.
+/// An open connection with what hangs off it (shared with the operations running on the
+/// client's [`AmqpThread`]).
 struct Connected {
-    connection: AmqpConnection,
+    connection: Arc<AmqpConnection>,
     session: AmqpSession,
-    cbs: AmqpClaimsBasedSecurity,
+    cbs: Arc<AmqpClaimsBasedSecurity>,
     /// Sender links by target address.
-    senders: HashMap<String, (AmqpSender, u64)>,
+    senders: HashMap<String, (Arc<AmqpSender>, u64)>,
     /// The token in force on this connection and its expiry.
     authorized: Option<(Token, OffsetDateTime)>,
 }
@@ -112,6 +120,88 @@ pub struct AmqpClient {
     /// The identity token last put (even if refused), so an auth failure can force a refresh
     /// of exactly that token.
     last_token: std::sync::Mutex<Option<Token>>,
+    /// Where the connection lives and every AMQP operation runs; started on first connect.
+    /// (Declared after `state`: dropping the client drops the connection's handles first, then
+    /// stops the thread.)
+    io: OnceLock<AmqpThread>,
+}
+
+/// The thread a client's AMQP connection lives on: a single-threaded runtime that runs
+/// fe2o3's connection and session engines and every operation on them (open, begin, attach,
+/// put-token, send, detach, close).
+///
+/// Why not the caller's runtime: fe2o3-amqp 0.14.1's `Sender::send` hands the transfer to the
+/// session engine first and records the delivery in the link's unsettled map only afterwards
+/// (`SenderLink::send_payload_with_transfer`, link/sender_link.rs). On a multi-threaded runtime
+/// the session engine, on another worker, can take the service's settled disposition in between
+/// (the sending thread only has to be descheduled for a moment): it removes the delivery id
+/// (`Session::on_incoming_disposition`, session/mod.rs), finds nothing to settle in the link's
+/// map (`LinkRelay::on_incoming_disposition`, link/mod.rs) and drops the outcome, and the send
+/// then waits forever for an answer that already came. With the engines and the sending future
+/// on one thread, the session engine cannot run between those two steps. (put-token goes
+/// through an fe2o3 sender too.)
+struct AmqpThread {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the client: the thread then winds down.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl AmqpThread {
+    fn start(endpoint: &str) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new().name(format!("amqp-{endpoint}")).spawn(move || {
+            runtime.block_on(async move {
+                let _ = stopped.await;
+                // Let the detach/end/close the dropped handles asked for go out, within bounds.
+                let deadline = tokio::time::Instant::now() + DROP_GRACE;
+                let metrics = tokio::runtime::Handle::current().metrics();
+                while metrics.num_alive_tasks() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        })?;
+        Ok(Self { handle, _stop: stop })
+    }
+
+    /// Runs `f` on this thread and waits for it; dropping the returned future cancels `f`.
+    async fn spawn<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, String> {
+        let mut task = AbortOnDrop(self.handle.spawn(f));
+        match (&mut task.0).await {
+            Ok(value) => Ok(value),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err("the AMQP thread has stopped".to_owned()),
+        }
+    }
+
+    /// Runs the AMQP operation `f` on this thread, for at most `limit`.
+    async fn run<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        what: &str,
+        f: impl Future<Output = Result<T, AmqpError>> + Send + 'static,
+    ) -> Result<T, String> {
+        match self.spawn(tokio::time::timeout(limit, f)).await {
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => Err(format!("{what}: {e}")),
+            Ok(Err(_)) => Err(format!("{what}: no answer within {limit:?}")),
+            Err(e) => Err(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Aborts the task when dropped (so cancelling the caller cancels the operation, as it did when
+/// the operation ran in the caller's task).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl fmt::Debug for AmqpClient {
@@ -120,28 +210,30 @@ impl fmt::Debug for AmqpClient {
     }
 }
 
-async fn timed<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, AmqpError>>,
-) -> Result<T, String> {
-    timed_for(OPERATION_TIMEOUT, what, f).await
-}
-
-async fn timed_for<T>(
-    limit: Duration,
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, AmqpError>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {limit:?}")),
-    }
-}
-
 impl AmqpClient {
     pub fn new(config: AmqpTargetConfig) -> Self {
-        Self { config, state: tokio::sync::Mutex::new(None), last_token: std::sync::Mutex::new(None) }
+        Self {
+            config,
+            state: tokio::sync::Mutex::new(None),
+            last_token: std::sync::Mutex::new(None),
+            io: OnceLock::new(),
+        }
+    }
+
+    /// The client's AMQP thread, started on first use.
+    fn io(&self) -> Result<&AmqpThread, Failure> {
+        if let Some(io) = self.io.get() {
+            return Ok(io);
+        }
+        let io = AmqpThread::start(&self.config.endpoint).map_err(|e| {
+            Failure::Transient(
+                format!("endpoint {}: cannot start the AMQP thread: {e}", self.config.endpoint),
+                None,
+            )
+        })?;
+        // Callers hold the state lock, so no other thread is started meanwhile.
+        let _ = self.io.set(io);
+        Ok(self.io.get().expect("set above"))
     }
 
     pub fn config(&self) -> &AmqpTargetConfig {
@@ -189,7 +281,8 @@ impl AmqpClient {
     }
 
     async fn connect(&self) -> Result<Connected, Failure> {
-        let connection = AmqpConnection::new();
+        let io = self.io()?;
+        let connection = Arc::new(AmqpConnection::new());
         let url = url::Url::parse(&format!("amqps://{}", self.config.namespace))
             .map_err(|e| Failure::Permanent(format!("namespace {}: {e}", self.config.namespace)))?;
         let options = AmqpConnectionOptions {
@@ -197,16 +290,27 @@ impl AmqpClient {
             ..Default::default()
         };
         let name = format!("twinroute-{}-{}", self.config.endpoint, uuid::Uuid::new_v4());
-        timed("opening the AMQP connection", connection.open(name, url, Some(options)))
+        let conn = connection.clone();
+        let open = async move { conn.open(name, url, Some(options)).await };
+        io.run(OPERATION_TIMEOUT, "opening the AMQP connection", open)
             .await
             .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
-        let session = AmqpSession::new();
-        timed("beginning the AMQP session", session.begin(&connection, None))
+        // Begun where it lives: a clone taken before `begin` would stay unbegun.
+        let conn = connection.clone();
+        let begin = async move {
+            let session = AmqpSession::new();
+            session.begin(&conn, None).await.map(|()| session)
+        };
+        let session = io
+            .run(OPERATION_TIMEOUT, "beginning the AMQP session", begin)
             .await
             .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
-        let cbs = AmqpClaimsBasedSecurity::new(session.clone())
-            .map_err(|e| Failure::Transient(format!("{}: CBS: {e}", self.where_()), None))?;
-        timed("attaching to $cbs", cbs.attach())
+        let cbs = Arc::new(
+            AmqpClaimsBasedSecurity::new(session.clone())
+                .map_err(|e| Failure::Transient(format!("{}: CBS: {e}", self.where_()), None))?,
+        );
+        let attaching = cbs.clone();
+        io.run(OPERATION_TIMEOUT, "attaching to $cbs", async move { attaching.attach().await })
             .await
             .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
         Ok(Connected { connection, session, cbs, senders: HashMap::new(), authorized: None })
@@ -224,9 +328,9 @@ impl AmqpClient {
         let (path, token_type, token) = self.token().await?;
         *self.last_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
         let secret = azure_core::credentials::Secret::new(token.secret.expose().to_owned());
-        let put =
-            timed("put-token", connected.cbs.authorize_path(path, token_type, &secret, token.expires_on))
-                .await;
+        let (cbs, expires_on) = (connected.cbs.clone(), token.expires_on);
+        let put_token = async move { cbs.authorize_path(path, token_type, &secret, expires_on).await };
+        let put = self.io()?.run(OPERATION_TIMEOUT, "put-token", put_token).await;
         match put {
             Ok(()) => {
                 connected.authorized = Some((token.clone(), token.expires_on));
@@ -254,16 +358,19 @@ impl AmqpClient {
     }
 
     /// The sender for `target`, attached on first use; with the link's maximum message size.
-    async fn sender<'a>(
+    async fn sender(
         &self,
-        connected: &'a mut Connected,
+        connected: &mut Connected,
         target: &str,
-    ) -> Result<(&'a AmqpSender, u64), Failure> {
+    ) -> Result<(Arc<AmqpSender>, u64), Failure> {
         if !connected.senders.contains_key(target) {
-            let sender = AmqpSender::new();
+            let sender = Arc::new(AmqpSender::new());
             let address = format!("amqps://{}/{}", self.config.namespace, target);
             let name = format!("twinroute-sender-{}", uuid::Uuid::new_v4());
-            timed("attaching the sender", sender.attach(&connected.session, name, address, None))
+            let (attaching, session) = (sender.clone(), connected.session.clone());
+            let attach = async move { attaching.attach(&session, name, address, None).await };
+            self.io()?
+                .run(OPERATION_TIMEOUT, "attaching the sender", attach)
                 .await
                 .map_err(|e| classify_text(&e, &self.role_hint(), &self.where_()))?;
             let max = sender
@@ -276,7 +383,7 @@ impl AmqpClient {
             connected.senders.insert(target.to_owned(), (sender, max));
         }
         let (sender, max) = connected.senders.get(target).expect("inserted above");
-        Ok((sender, *max))
+        Ok((sender.clone(), *max))
     }
 
     /// The maximum message size of `target`'s link (connecting if needed).
@@ -325,8 +432,13 @@ impl AmqpClient {
             message_format: batch.then_some(message::BATCH_MESSAGE_FORMAT),
             ..Default::default()
         };
+        let io = match self.io() {
+            Ok(io) => io,
+            Err(f) => return f.into(),
+        };
         tracing::trace!(endpoint = %self.config.endpoint, target, batch, "sending");
-        let outcome = timed_for(SEND_TIMEOUT, "sending", sender.send(message, Some(options))).await;
+        let outcome =
+            io.run(SEND_TIMEOUT, "sending", async move { sender.send(message, Some(options)).await }).await;
         tracing::trace!(endpoint = %self.config.endpoint, target, ok = outcome.is_ok(), "sent");
         match outcome {
             Ok(AmqpSendOutcome::Accepted) => DeliveryOutcome::Delivered,
@@ -344,7 +456,7 @@ impl AmqpClient {
             Err(e) => {
                 // The link or connection is in doubt: start over next time.
                 if let Some(old) = state.take() {
-                    tokio::spawn(async move {
+                    io.handle.spawn(async move {
                         let _ = old.connection.close().await;
                     });
                 }
@@ -355,14 +467,24 @@ impl AmqpClient {
 
     /// Closes the connection (at shutdown).
     pub async fn close(&self) {
-        if let Some(c) = self.state.lock().await.take() {
+        let Some(c) = self.state.lock().await.take() else { return };
+        // A connection exists only once the thread does.
+        let Some(io) = self.io.get() else { return };
+        let closing = async move {
             for (_, (sender, _)) in c.senders {
-                let _ = tokio::time::timeout(Duration::from_secs(5), sender.detach()).await;
+                // Only an operation cut short could still hold a reference; dropping the
+                // sender then detaches it.
+                if let Ok(sender) = Arc::try_unwrap(sender) {
+                    let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, sender.detach()).await;
+                }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.cbs.detach()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.session.end()).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.connection.close()).await;
-        }
+            if let Ok(cbs) = Arc::try_unwrap(c.cbs) {
+                let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, cbs.detach()).await;
+            }
+            let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, c.session.end()).await;
+            let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, c.connection.close()).await;
+        };
+        let _ = io.spawn(closing).await;
     }
 }
 

@@ -1,0 +1,258 @@
+//! The delivery engine on tokio's paused clock (the dispatcher and its workers, in-memory sinks
+//! and dead-letter stores): retry schedule, time-to-live, attempts, dead-lettering, isolation,
+//! and the accounting rule every test ends with: delivered + dead-lettered + dropped = accepted.
+
+use crate::helpers::{telemetry, twin_create};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use twinroute::config::Config;
+use twinroute::delivery::deadletter::{
+    META_ATTEMPTS, META_FIRST_ATTEMPT, META_LAST_ATTEMPT, META_LAST_ERROR, META_REASON,
+};
+use twinroute::delivery::{Dispatcher, EndpointStats};
+use twinroute::event::parse_structured;
+use twinroute::routing::Route;
+use twinroute::sinks::memory::MemorySinkFactory;
+use twinroute::sinks::DeliveryOutcome;
+
+const SAS: &str = "https://127.0.0.1:10000/devstoreaccount1/deadletters?sv=2022-11-02&sp=cw&sig=x";
+
+/// A dispatcher over memory sinks for `toml` (endpoints, routes, `[delivery]`).
+async fn dispatcher(toml: &str) -> (Arc<Dispatcher>, Arc<MemorySinkFactory>) {
+    let config = Config::from_toml(toml, "test", Some(HashMap::new())).unwrap();
+    let factory = Arc::new(MemorySinkFactory::default());
+    let dispatcher = Arc::new(Dispatcher::new(config.delivery.clone(), factory.clone()));
+    let routes = config
+        .routes
+        .values()
+        .map(|r| Route { id: r.id.clone(), endpoint: r.endpoint_name.clone(), filter: r.filter.clone() })
+        .collect();
+    dispatcher.apply(&config.endpoints, routes).await.unwrap();
+    (dispatcher, factory)
+}
+
+fn event(v: serde_json::Value) -> twinroute::event::CloudEvent {
+    parse_structured(v.to_string().as_bytes()).unwrap()
+}
+
+fn stats(d: &Dispatcher, endpoint: &str) -> Arc<EndpointStats> {
+    d.snapshot().endpoints[endpoint].stats.clone()
+}
+
+/// Nothing is unaccounted for.
+fn assert_accounted(s: &EndpointStats, accepted: u64) {
+    let delivered = s.delivered.load(Ordering::Relaxed);
+    let dead = s.dead_lettered.load(Ordering::Relaxed);
+    let dropped = s.dropped.load(Ordering::Relaxed);
+    assert_eq!(s.queued.load(Ordering::Relaxed), accepted);
+    assert_eq!(
+        delivered + dead + dropped,
+        accepted,
+        "delivered {delivered} + dead-lettered {dead} + dropped {dropped}"
+    );
+}
+
+const ONE_ENDPOINT: &str = "[endpoints.hub-a]\ntype = \"Stdout\"\n[routes.all]\nendpoint_name = \"hub-a\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn refused_n_times_then_accepted_follows_the_schedule_and_counts_duplicates() {
+    let (d, sinks) = dispatcher(&format!("{ONE_ENDPOINT}[delivery]\njitter = 0.0\n")).await;
+    let sink = sinks.sink("hub-a");
+    let busy = || DeliveryOutcome::Transient { reason: "server busy".into(), after: None };
+    sink.fail_next([busy(), busy(), busy()]);
+    let started = Instant::now();
+    d.submit(vec![event(twin_create("room-1"))], "test").unwrap();
+    sink.wait_for(1).await;
+    // Retries after 10 s, 30 s and 60 s (Event Grid's schedule), then delivered.
+    assert_eq!(started.elapsed().as_secs(), 100);
+    assert_eq!(sink.attempts(), 4);
+    let s = stats(&d, "hub-a");
+    assert_eq!(s.failed_attempts.load(Ordering::Relaxed), 3);
+    assert_accounted(&s, 1);
+    assert!(d.shutdown(Duration::from_secs(5)).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_hints_are_honoured() {
+    let (d, sinks) = dispatcher(&format!("{ONE_ENDPOINT}[delivery]\njitter = 0.0\n")).await;
+    let sink = sinks.sink("hub-a");
+    sink.fail_next([DeliveryOutcome::Transient {
+        reason: "429".into(),
+        after: Some(Duration::from_secs(42)),
+    }]);
+    let started = Instant::now();
+    d.submit(vec![event(twin_create("room-1"))], "test").unwrap();
+    sink.wait_for(1).await;
+    assert_eq!(started.elapsed().as_secs(), 42);
+    d.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_refusal_is_dead_lettered_at_once_with_metadata() {
+    let (d, sinks) = dispatcher(&format!(
+        "[endpoints.grid-a]\ntype = \"EventGrid\"\ntopic_endpoint = \"https://t.example/api/events\"\naccess_key1 = \"k\"\n\
+         dead_letter_secret = \"{SAS}\"\n[routes.all]\nendpoint_name = \"grid-a\"\n"
+    ))
+    .await;
+    sinks.sink("grid-a").fail_with(Some(DeliveryOutcome::Permanent { reason: "400 bad event".into() }));
+    let sent = twin_create("room-1");
+    let id = sent["id"].as_str().unwrap().to_owned();
+    d.submit(vec![event(sent.clone())], "test").unwrap();
+    let letters = sinks.dead_letters("grid-a");
+    letters.wait_for(1).await;
+    let letter = &letters.letters()[0];
+    let now = time::OffsetDateTime::now_utc();
+    assert_eq!(
+        letter.blob_name,
+        format!(
+            "grid-a/{:04}/{:02}/{:02}/{:02}/{id}.json",
+            now.year(),
+            now.month() as u8,
+            now.day(),
+            now.hour()
+        )
+    );
+    let body: serde_json::Value = serde_json::from_slice(&letter.body).unwrap();
+    assert_eq!(body, sent, "the original structured CloudEvent");
+    assert_eq!(letter.meta(META_REASON), Some("permanent"));
+    assert_eq!(letter.meta(META_ATTEMPTS), Some("1"));
+    assert_eq!(letter.meta(META_LAST_ERROR), Some("400 bad event"));
+    assert!(letter.meta(META_FIRST_ATTEMPT).is_some() && letter.meta(META_LAST_ATTEMPT).is_some());
+    let s = stats(&d, "grid-a");
+    assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 1);
+    assert_accounted(&s, 1);
+    d.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_time_to_live_and_the_attempt_limit_end_retries() {
+    let (d, sinks) = dispatcher(&format!(
+        "[delivery]\njitter = 0.0\nretry_schedule_seconds = [30]\n\
+         [endpoints.grid-ttl]\ntype = \"EventGrid\"\ntopic_endpoint = \"https://t.example/api/events\"\naccess_key1 = \"k\"\n\
+         dead_letter_secret = \"{SAS}\"\ndelivery = {{ ttl_seconds = 100 }}\n\
+         [endpoints.grid-max]\ntype = \"EventGrid\"\ntopic_endpoint = \"https://t.example/api/events\"\naccess_key1 = \"k\"\n\
+         dead_letter_secret = \"{SAS}\"\ndelivery = {{ max_attempts = 3 }}\n\
+         [routes.ttl]\nendpoint_name = \"grid-ttl\"\n[routes.max]\nendpoint_name = \"grid-max\"\n"
+    ))
+    .await;
+    for name in ["grid-ttl", "grid-max"] {
+        sinks.sink(name).fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
+    }
+    let started = Instant::now();
+    d.submit(vec![event(telemetry("room-1", 1.0))], "test").unwrap();
+    let max = sinks.dead_letters("grid-max");
+    max.wait_for(1).await;
+    assert_eq!(started.elapsed().as_secs(), 60, "attempts at 0, 30 and 60 s");
+    assert_eq!(max.letters()[0].meta(META_REASON), Some("max_attempts"));
+    assert_eq!(max.letters()[0].meta(META_ATTEMPTS), Some("3"));
+    let ttl = sinks.dead_letters("grid-ttl");
+    ttl.wait_for(1).await;
+    // Attempts at 0, 30, 60, 90 and 100 s (the last wait is cut to the time-to-live).
+    assert_eq!(started.elapsed().as_secs(), 100);
+    assert_eq!(ttl.letters()[0].meta(META_REASON), Some("ttl_expired"));
+    assert_eq!(ttl.letters()[0].meta(META_ATTEMPTS), Some("5"));
+    assert_eq!(sinks.sink("grid-ttl").attempts(), 5);
+    assert_accounted(&stats(&d, "grid-ttl"), 1);
+    assert_accounted(&stats(&d, "grid-max"), 1);
+    d.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_dead_letter_store_expired_events_are_dropped_and_counted() {
+    let (d, sinks) = dispatcher(&format!("{ONE_ENDPOINT}[delivery]\nmax_attempts = 2\njitter = 0.0\n")).await;
+    sinks.sink("hub-a").fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
+    d.submit(vec![event(twin_create("a")), event(twin_create("b"))], "test").unwrap();
+    let s = stats(&d, "hub-a");
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(s.dropped.load(Ordering::Relaxed), 2);
+    assert_accounted(&s, 2);
+    assert!(d.shutdown(Duration::from_secs(5)).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_dead_letter_store_is_retried_until_it_takes_the_event() {
+    let (d, sinks) = dispatcher(&format!(
+        "[endpoints.grid-a]\ntype = \"EventGrid\"\ntopic_endpoint = \"https://t.example/api/events\"\naccess_key1 = \"k\"\n\
+         dead_letter_secret = \"{SAS}\"\n[routes.all]\nendpoint_name = \"grid-a\"\n"
+    ))
+    .await;
+    sinks.sink("grid-a").fail_with(Some(DeliveryOutcome::Permanent { reason: "404".into() }));
+    let letters = sinks.dead_letters("grid-a");
+    letters.fail_with(Some(DeliveryOutcome::Transient { reason: "storage down".into(), after: None }));
+    d.submit(vec![event(twin_create("a"))], "test").unwrap();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let s = stats(&d, "grid-a");
+    assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 0);
+    assert_eq!(s.outstanding(), 1, "still held, not lost");
+    letters.fail_with(None);
+    letters.wait_for(1).await;
+    assert_accounted(&s, 1);
+    d.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn one_endpoint_down_does_not_slow_another() {
+    // Real time: how long the healthy endpoint takes to deliver 2,000 events, alone and next to
+    // an endpoint that refuses everything.
+    let toml = "[endpoints.down-a]\ntype = \"Stdout\"\n[endpoints.up-b]\ntype = \"Stdout\"\n\
+                [routes.a]\nendpoint_name = \"down-a\"\n[routes.b]\nendpoint_name = \"up-b\"\n";
+    let mut timings = Vec::new();
+    for down in [false, true] {
+        let (d, sinks) = dispatcher(toml).await;
+        if down {
+            sinks
+                .sink("down-a")
+                .fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
+        }
+        let started = std::time::Instant::now();
+        for chunk in 0..20 {
+            let batch = (0..100).map(|i| event(twin_create(&format!("t{chunk}-{i}")))).collect();
+            d.submit(batch, "test").unwrap();
+        }
+        sinks.sink("up-b").wait_for(2000).await;
+        timings.push(started.elapsed());
+        if down {
+            assert_eq!(sinks.sink("down-a").delivered().len(), 0);
+            assert!(stats(&d, "down-a").outstanding() == 2000);
+        }
+        d.shutdown(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "healthy endpoint delivered 2000 events in {:?} alone, {:?} next to a failing one",
+        timings[0], timings[1]
+    );
+    assert!(timings[1] < Duration::from_secs(5), "{timings:?}");
+}
+
+#[tokio::test]
+async fn the_queued_bytes_bound_pushes_back() {
+    let (d, sinks) = dispatcher(&format!("{ONE_ENDPOINT}[delivery]\nmax_queued_bytes = 20000\n")).await;
+    sinks.sink("hub-a").fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
+    let mut accepted = 0;
+    let mut refused = None;
+    for i in 0..100 {
+        match d.submit(vec![event(twin_create(&format!("t{i}")))], "test") {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refusal = refused.expect("the bound was reached").to_string();
+    assert!(refusal.contains("delivery.max_queued_bytes"), "{refusal}");
+    assert!(d.queued_bytes() <= 20000);
+    assert!(accepted > 5);
+    // Delivered events give their bytes back.
+    sinks.sink("hub-a").fail_with(None);
+    sinks.sink("hub-a").wait_for(accepted).await;
+    let s = stats(&d, "hub-a");
+    assert_accounted(&s, accepted as u64);
+    assert!(d.shutdown(Duration::from_secs(30)).await.is_empty());
+    // The memory sink keeps what it received; once it lets go, every byte is back.
+    assert_eq!(sinks.sink("hub-a").take_delivered().len(), accepted);
+    assert_eq!(d.queued_bytes(), 0);
+}
