@@ -161,6 +161,35 @@ struct EndpointResourceOut {
     #[serde(rename = "type")]
     resource_type: &'static str,
     properties: PropertiesOut,
+    /// twinroute's addition: the endpoint's delivery state right now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
+}
+
+/// Health and counters of the endpoint `name` in force.
+fn status_of(state: &AdminState, name: &str) -> Option<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snapshot = state.dispatcher.snapshot();
+    let handle = snapshot.endpoints.get(name)?;
+    let s = &handle.stats;
+    let (health, reason) = s.health();
+    Some(serde_json::json!({
+        "health": health,
+        "reason": reason,
+        "queued": handle.queue_len(),
+        "retrying": s.retrying.load(Relaxed),
+        "routed": s.queued.load(Relaxed),
+        "delivered": s.delivered.load(Relaxed),
+        "deadLettered": s.dead_lettered.load(Relaxed),
+        "dropped": s.dropped.load(Relaxed),
+        "failedAttempts": s.failed_attempts.load(Relaxed),
+    }))
+}
+
+fn resource_with_status(state: &AdminState, e: &EndpointConfig) -> EndpointResourceOut {
+    let mut r = resource(e);
+    r.status = status_of(state, &e.name);
+    r
 }
 
 fn resource(e: &EndpointConfig) -> EndpointResourceOut {
@@ -213,6 +242,7 @@ fn resource(e: &EndpointConfig) -> EndpointResourceOut {
             delivery: spec.delivery.clone(),
             secrets,
         },
+        status: None,
     }
 }
 
@@ -224,7 +254,13 @@ pub(super) async fn list(
     if let Err(r) = query.check() {
         return r;
     }
-    let items = state.control.endpoints().await.iter().map(|e| (e.name.clone(), resource(e))).collect();
+    let items = state
+        .control
+        .endpoints()
+        .await
+        .iter()
+        .map(|e| (e.name.clone(), resource_with_status(&state, e)))
+        .collect();
     page(items, &query, &headers, "/endpoints")
 }
 
@@ -237,7 +273,7 @@ pub(super) async fn get_one(
         return r;
     }
     match state.control.endpoint(&name).await {
-        Some(e) => Json(resource(&e)).into_response(),
+        Some(e) => Json(resource_with_status(&state, &e)).into_response(),
         None => endpoint_not_found(&name).into_response(),
     }
 }

@@ -86,6 +86,8 @@ pub struct EndpointStats {
     pub retrying: AtomicU64,
     /// Health and its reason; a watch so tests and the admin API can wait for a change.
     health: tokio::sync::watch::Sender<(Health, Option<String>)>,
+    /// `twinroute_endpoint_health{endpoint}`: 0 healthy, 1 degraded, 2 unhealthy.
+    health_gauge: Option<metrics::Gauge>,
 }
 
 impl Default for EndpointStats {
@@ -98,6 +100,7 @@ impl Default for EndpointStats {
             dropped: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
             health: tokio::sync::watch::Sender::new((Health::Healthy, None)),
+            health_gauge: None,
         }
     }
 }
@@ -111,7 +114,17 @@ impl EndpointStats {
         self.queued.load(Ordering::Relaxed).saturating_sub(done)
     }
 
+    /// Stats of the endpoint `name`, exporting its health as a metric.
+    pub fn named(name: &str) -> Self {
+        let gauge = metrics::gauge!("twinroute_endpoint_health", "endpoint" => name.to_owned());
+        gauge.set(0.0);
+        Self { health_gauge: Some(gauge), ..Self::default() }
+    }
+
     fn set_health(&self, health: Health, reason: Option<String>) {
+        if let Some(g) = &self.health_gauge {
+            g.set(health as u8 as f64);
+        }
         self.health.send_if_modified(|current| {
             let changed = current.0 != health || current.1 != reason;
             *current = (health, reason);
@@ -272,7 +285,7 @@ impl Dispatcher {
         dead_letters: Option<Arc<dyn deadletter::DeadLetterStore>>,
     ) -> (Arc<EndpointHandle>, Worker) {
         let (sender, receiver) = mpsc::channel(self.config.queue_capacity);
-        let stats = Arc::new(EndpointStats::default());
+        let stats = Arc::new(EndpointStats::named(&config.name));
         let name = config.name.clone();
         let settings = self.config.with(config.spec.delivery.as_ref());
         let context = worker::WorkerContext {

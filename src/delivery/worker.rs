@@ -210,7 +210,10 @@ impl Worker {
             p.last_attempt = Some(now);
         }
         let envelopes: Vec<Arc<Envelope>> = batch.iter().map(|p| p.envelope.clone()).collect();
+        let in_flight = metrics::gauge!("twinroute_endpoint_in_flight", "endpoint" => name.clone());
+        in_flight.set(envelopes.len() as f64);
         let outcome = self.ctx.sink.deliver(&envelopes).await;
+        in_flight.set(0.0);
         match outcome {
             DeliveryOutcome::Delivered => {
                 let n = batch.len() as u64;

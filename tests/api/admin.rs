@@ -295,8 +295,14 @@ async fn health_readiness_and_metrics() {
     assert_eq!(names, ["hub-a", "hub-b"]);
     assert_eq!(app.post_event(&twin_create("m-1")).await.status(), 202);
     app.sink("hub-a").wait_for(1).await;
+    let resource =
+        json_of(app.client.get(format!("{}/endpoints/hub-a", app.admin)).send().await.unwrap()).await;
+    assert_eq!(resource["status"]["health"], "healthy");
+    assert_eq!(resource["status"]["delivered"], 1);
+    assert_eq!(resource["status"]["deadLettered"], 0);
     let text = app.client.get(format!("{}/metrics", app.admin)).send().await.unwrap().text().await.unwrap();
     for metric in [
+        "twinroute_endpoint_health{endpoint=\"hub-a\"} 0",
         "twinroute_events_received_total",
         "twinroute_events_routed_total{endpoint=\"hub-a\"}",
         "twinroute_routing_duration_seconds_bucket",

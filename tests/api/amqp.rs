@@ -457,3 +457,49 @@ async fn server_busy_is_retried_and_every_event_arrives() {
     let reader = SbReader::open(&stack).await;
     assert_eq!(reader.read("twin-queue", 1).await.len(), 1);
 }
+
+/// Waits (bounded) until the endpoint has delivered `n` events.
+async fn delivered(app: &TestApp, endpoint: &str, n: u64) {
+    let stats = app.running.as_ref().unwrap().dispatcher.snapshot().endpoints[endpoint].stats.clone();
+    within("delivery", async {
+        while stats.delivered.load(std::sync::atomic::Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_imds_outage_changes_nothing_and_a_revoked_token_is_refreshed() {
+    let stack = stack(AmqpConfig::default()).await;
+    let extra = format!(
+        "{}[endpoints.twin-hub]\ntype = \"EventHub\"\nauthentication_type = \"IdentityBased\"\n\
+         endpoint_uri = \"sb://{NS}/\"\nentity_path = \"twins\"\ncustom_endpoint = \"{}\"\n",
+        identity_section(&stack),
+        stack.amqp.endpoint()
+    );
+    let app = spawn_real(&extra).await;
+    route_all(&app, "twin-hub").await;
+    assert_eq!(app.post_event(&twin_create("room-1")).await.status(), 202);
+    delivered(&app, "twin-hub", 1).await;
+    // IMDS down while the token is valid: nothing changes.
+    stack.imds.set_available(false);
+    assert_eq!(app.post_event(&twin_create("room-2")).await.status(), 202);
+    delivered(&app, "twin-hub", 2).await;
+    stack.imds.set_available(true);
+    // The service refuses the token (revoked): one forced refresh, and delivery resumes.
+    let before = stack.imds.requests_for("https://eventhubs.azure.net/");
+    stack.amqp.push_faults(
+        "twins",
+        [AmqpFault::Reject {
+            condition: "amqp:unauthorized-access".into(),
+            description: "token revoked".into(),
+        }],
+    );
+    assert_eq!(app.post_event(&twin_create("room-3")).await.status(), 202);
+    delivered(&app, "twin-hub", 3).await;
+    assert_eq!(stack.imds.requests_for("https://eventhubs.azure.net/"), before + 1, "one forced refresh");
+    app.stop().await;
+    let all: usize = read_hub(&stack, "twins").await.values().map(Vec::len).sum();
+    assert_eq!(all, 3);
+}

@@ -478,3 +478,62 @@ async fn bad_arguments_and_configurations_exit_with_their_status() {
         assert!(help.stdout.contains(status), "{status} missing from {}", help.stdout);
     }
 }
+
+#[tokio::test]
+async fn a_permanent_refusal_in_the_daemon_lands_in_the_store_and_replay_brings_it_back() {
+    let f = fixture().await;
+    // The topic refuses the event as malformed: permanent, dead-lettered at once.
+    f.topic.push_faults([Fault::status(400)]);
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    let env = std::collections::HashMap::from([
+        ("TWINROUTE_INGEST__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("TWINROUTE_ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+    ]);
+    let config = twinroute::config::Config::from_toml(&text, "test", Some(env)).unwrap();
+    let running = twinroute::app::Running::start(config, Default::default()).await.unwrap();
+    let sent = crate::helpers::twin_create("room-dl");
+    let id = sent["id"].as_str().unwrap().to_owned();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/events", running.ingest_addr.unwrap()))
+        .header("content-type", "application/cloudevents+json")
+        .body(sent.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let stats = running.dispatcher.snapshot().endpoints[ENDPOINT].stats.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(std::time::Instant::now() < deadline, "not dead-lettered");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(stats);
+    assert!(running.stop().await.undelivered.is_empty());
+
+    // At <endpoint>/<yyyy>/<mm>/<dd>/<hh>/<event-id>.json, the original event, with why.
+    let writer = f.writer();
+    let names = writer.list(&format!("{ENDPOINT}/")).await.unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let now = OffsetDateTime::now_utc();
+    let hour = format!("{ENDPOINT}/{:04}/{:02}/{:02}/", now.year(), now.month() as u8, now.day());
+    assert!(names[0].starts_with(&hour) && names[0].ends_with(&format!("/{id}.json")), "{}", names[0]);
+    let stored = writer.get(&names[0]).await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&stored.body).unwrap(), sent);
+    let meta = |k: &str| stored.metadata.iter().find(|(n, _)| n.as_str() == k).map(|(_, v)| v.clone());
+    assert_eq!(meta("deadletterreason").as_deref(), Some("permanent"));
+    assert_eq!(meta("deliveryattempts").as_deref(), Some("1"));
+    assert!(meta("lasterror").unwrap().contains("400"));
+    assert!(meta("firstattempttime").is_some() && meta("lastattempttime").is_some());
+
+    // The topic is fixed: replay delivers it and removes the dead letter.
+    let before = f.topic.received().len();
+    let mut replay = twinroute();
+    replay.args(["deadletter", "replay", "--endpoint", ENDPOINT, "--config"]).arg(&f.config);
+    let out = run(replay).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let received = f.topic.received();
+    assert_eq!(received.len(), before + 1);
+    assert_eq!(received.last().unwrap()["id"], id.as_str());
+    assert!(writer.list(&format!("{ENDPOINT}/")).await.unwrap().is_empty());
+    assert!(!out.stdout.contains(&f.sig) && !out.stderr.contains(&f.sig));
+}
