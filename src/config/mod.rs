@@ -181,6 +181,8 @@ pub struct DeliveryOverrides {
     pub batch_max_bytes: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linger_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
 }
 
 /// `[delivery]`.
@@ -197,6 +199,9 @@ pub struct DeliveryConfig {
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
     pub linger_ms: u64,
+    /// Batches delivered at once per endpoint. 1 (the default) keeps each endpoint's events in
+    /// order; more raises throughput to slow destinations at the cost of order.
+    pub concurrency: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -212,6 +217,7 @@ impl Default for DeliveryConfig {
             batch_max_events: DEFAULT_BATCH_MAX_EVENTS,
             batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             linger_ms: DEFAULT_LINGER_MS,
+            concurrency: 1,
         }
     }
 }
@@ -235,6 +241,7 @@ impl DeliveryConfig {
             batch_max_events: o.batch_max_events.unwrap_or(self.batch_max_events),
             batch_max_bytes: o.batch_max_bytes.unwrap_or(self.batch_max_bytes),
             linger_ms: o.linger_ms.unwrap_or(self.linger_ms),
+            concurrency: o.concurrency.unwrap_or(self.concurrency),
             ..self.clone()
         }
     }
@@ -253,6 +260,9 @@ impl DeliveryConfig {
         }
         if !(0.0..=1.0).contains(&self.jitter) {
             p.push(format!("{prefix}.jitter: must be between 0 and 1"));
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            p.push(format!("{prefix}.concurrency: must be between 1 and 64"));
         }
         if self.batch_max_events == 0 || self.batch_max_bytes == 0 {
             p.push(format!("{prefix}: batch_max_events and batch_max_bytes must be positive"));

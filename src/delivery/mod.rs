@@ -299,6 +299,7 @@ impl Dispatcher {
             // Hold at most a queue's worth of events for retry; beyond that the queue backs up
             // and ingest answers 503.
             max_retrying: self.config.queue_capacity,
+            concurrency: settings.concurrency,
             stats: stats.clone(),
         };
         let task = tokio::spawn(worker::run(context, receiver));

@@ -11,6 +11,8 @@ use super::deadletter::{DeadLetterRecord, DeadLetterStore};
 use super::retry::{Decision, GiveUp, RetryPolicy};
 use super::{EndpointStats, Envelope, Health};
 use crate::sinks::{DeliveryOutcome, Sink};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub(super) struct WorkerContext {
     pub linger: Duration,
     /// Most events held for retry before the worker stops taking new ones.
     pub max_retrying: usize,
+    /// Most batches delivered at once (1 keeps an endpoint's events in order).
+    pub concurrency: usize,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -73,6 +77,7 @@ struct Worker {
 pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelope>>) {
     let name = ctx.name.clone();
     let sink = ctx.sink.clone();
+    let concurrency = ctx.concurrency.max(1);
     let mut worker = Worker {
         ctx,
         retries: BTreeMap::new(),
@@ -83,59 +88,60 @@ pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelo
     };
     let depth = metrics::gauge!("twinroute_endpoint_queue_depth", "endpoint" => name.clone());
     let retrying = metrics::gauge!("twinroute_endpoint_retrying", "endpoint" => name.clone());
+    let in_flight_gauge = metrics::gauge!("twinroute_endpoint_in_flight", "endpoint" => name.clone());
+    // Deliveries under way (at most `concurrency`), each yielding its batch and outcome.
+    let mut in_flight: FuturesUnordered<BoxFuture<'static, (Vec<Pending>, DeliveryOutcome)>> =
+        FuturesUnordered::new();
+    let mut in_flight_events = 0usize;
     let mut closed = false;
     loop {
         depth.set((queue.len() + worker.inbox.len()) as f64);
         retrying.set(worker.retries.len() as f64);
+        in_flight_gauge.set(in_flight_events as f64);
         worker.ctx.stats.retrying.store(worker.retries.len() as u64, Ordering::Relaxed);
         let now = Instant::now();
         if worker.blocked_until.is_some_and(|b| b <= now) {
             worker.blocked_until = None;
         }
-        let next_retry = worker.retries.keys().next().map(|k| k.0);
-        if next_retry.is_some_and(|due| due <= now) {
-            let batch = worker.due_retries(now);
-            worker.deliver(batch).await;
-            continue;
+        // Start what may start: due retries first, then new events.
+        if in_flight.len() < concurrency {
+            let batch = if worker.retries.keys().next().is_some_and(|k| k.0 <= now) {
+                worker.due_retries(now)
+            } else if worker.may_take_new() && !worker.inbox.is_empty() {
+                worker.fresh_batch()
+            } else {
+                Vec::new()
+            };
+            if !batch.is_empty() {
+                in_flight_events += batch.len();
+                in_flight.push(worker.start(batch));
+                continue;
+            }
         }
-        let may_take_new =
-            worker.blocked_until.is_none_or(|b| b <= now) && worker.retries.len() < worker.ctx.max_retrying;
-        if may_take_new && !worker.inbox.is_empty() {
-            let batch = worker.fresh_batch();
-            worker.deliver(batch).await;
-            continue;
-        }
-        if closed && worker.inbox.is_empty() && worker.retries.is_empty() {
+        if closed && worker.inbox.is_empty() && worker.retries.is_empty() && in_flight.is_empty() {
             break;
         }
-        // Wait for whichever comes first: new events (if we may take them), a retry falling due,
-        // the end of the block.
-        let wake = match (next_retry, worker.blocked_until.filter(|_| !closed || !worker.inbox.is_empty())) {
+        let next_retry = worker.retries.keys().next().map(|k| k.0);
+        let wake = match (next_retry, worker.blocked_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let sleep = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        let room = in_flight.len() < concurrency;
+        let may_receive = room && !closed && worker.may_take_new() && worker.inbox.is_empty();
+        tokio::select! {
+            Some((batch, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_events -= batch.len();
+                worker.handle(batch, outcome).await;
             }
-        };
-        if may_take_new && !closed {
-            tokio::select! {
-                received = worker.receive(&mut queue) => if !received { closed = true },
-                () = sleep => {}
+            received = receive(&mut worker.inbox, &mut queue, worker.ctx.batch_max_events, worker.ctx.linger), if may_receive => {
+                if !received {
+                    closed = true;
+                }
             }
-        } else if wake.is_some() {
-            sleep.await;
-        } else if closed {
-            // Nothing will ever become due: the inbox is waiting for a block that is gone.
-            worker.blocked_until = None;
-        } else {
-            // Retry buffer full and nothing due: wait for the earliest retry.
-            match worker.retries.keys().next() {
-                Some(k) => tokio::time::sleep_until(k.0).await,
-                None => worker.blocked_until = None,
-            }
+            () = sleep_until(wake), if wake.is_some() && room => {}
+            // Unreachable by the checks above (something is always in flight, due or awaited);
+            // yielding keeps a mistake from becoming a crash.
+            else => tokio::task::yield_now().await,
         }
     }
     if let Err(e) = sink.flush().await {
@@ -143,26 +149,44 @@ pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelo
     }
 }
 
-impl Worker {
-    /// Takes what the queue holds (at least one event, waiting for it), then lingers briefly for
-    /// more. False when the queue is closed and empty.
-    async fn receive(&mut self, queue: &mut mpsc::Receiver<Arc<Envelope>>) -> bool {
-        let mut buffer = Vec::with_capacity(self.ctx.batch_max_events);
-        if queue.recv_many(&mut buffer, self.ctx.batch_max_events).await == 0 {
-            return false;
-        }
-        if !self.ctx.linger.is_zero() && buffer.len() < self.ctx.batch_max_events {
-            let until = Instant::now() + self.ctx.linger;
-            while buffer.len() < self.ctx.batch_max_events {
-                let room = self.ctx.batch_max_events - buffer.len();
-                match tokio::time::timeout_at(until, queue.recv_many(&mut buffer, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes what the queue holds (at least one event, waiting for it), then lingers briefly for
+/// more. False when the queue is closed and empty.
+async fn receive(
+    inbox: &mut VecDeque<Arc<Envelope>>,
+    queue: &mut mpsc::Receiver<Arc<Envelope>>,
+    max: usize,
+    linger: Duration,
+) -> bool {
+    let mut buffer = Vec::with_capacity(max);
+    if queue.recv_many(&mut buffer, max).await == 0 {
+        return false;
+    }
+    if !linger.is_zero() && buffer.len() < max {
+        let until = Instant::now() + linger;
+        while buffer.len() < max {
+            let room = max - buffer.len();
+            match tokio::time::timeout_at(until, queue.recv_many(&mut buffer, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
         }
-        self.inbox.extend(buffer);
-        true
+    }
+    inbox.extend(buffer);
+    true
+}
+
+impl Worker {
+    /// Whether new events may be sent: not while failing before the next retry is due, and not
+    /// with a full retry buffer.
+    fn may_take_new(&self) -> bool {
+        self.blocked_until.is_none() && self.retries.len() < self.ctx.max_retrying
     }
 
     /// Up to a batch of new events, by count and bytes (at least one).
@@ -200,20 +224,26 @@ impl Worker {
         batch
     }
 
-    async fn deliver(&mut self, mut batch: Vec<Pending>) {
-        let stats = self.ctx.stats.clone();
-        let name = self.ctx.name.clone();
+    /// Counts an attempt of each event and starts delivering the batch.
+    fn start(&mut self, mut batch: Vec<Pending>) -> BoxFuture<'static, (Vec<Pending>, DeliveryOutcome)> {
         let now = OffsetDateTime::now_utc();
         for p in &mut batch {
             p.attempts += 1;
             p.first_attempt.get_or_insert(now);
             p.last_attempt = Some(now);
         }
-        let envelopes: Vec<Arc<Envelope>> = batch.iter().map(|p| p.envelope.clone()).collect();
-        let in_flight = metrics::gauge!("twinroute_endpoint_in_flight", "endpoint" => name.clone());
-        in_flight.set(envelopes.len() as f64);
-        let outcome = self.ctx.sink.deliver(&envelopes).await;
-        in_flight.set(0.0);
+        let sink = self.ctx.sink.clone();
+        Box::pin(async move {
+            let envelopes: Vec<Arc<Envelope>> = batch.iter().map(|p| p.envelope.clone()).collect();
+            let outcome = sink.deliver(&envelopes).await;
+            (batch, outcome)
+        })
+    }
+
+    /// Acts on the outcome of a delivery.
+    async fn handle(&mut self, batch: Vec<Pending>, outcome: DeliveryOutcome) {
+        let stats = self.ctx.stats.clone();
+        let name = self.ctx.name.clone();
         match outcome {
             DeliveryOutcome::Delivered => {
                 let n = batch.len() as u64;

@@ -69,6 +69,9 @@ async fn refused_n_times_then_accepted_follows_the_schedule_and_counts_duplicate
     // Retries after 10 s, 30 s and 60 s (Event Grid's schedule), then delivered.
     assert_eq!(started.elapsed().as_secs(), 100);
     assert_eq!(sink.attempts(), 4);
+    let ids: Vec<String> = sink.delivered().iter().map(|e| e.event.id().to_owned()).collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), ids.len() - unique.len()), (1, 0), "delivered once, no duplicates");
     let s = stats(&d, "hub-a");
     assert_eq!(s.failed_attempts.load(Ordering::Relaxed), 3);
     assert_accounted(&s, 1);
@@ -255,4 +258,63 @@ async fn the_queued_bytes_bound_pushes_back() {
     // The memory sink keeps what it received; once it lets go, every byte is back.
     assert_eq!(sinks.sink("hub-a").take_delivered().len(), accepted);
     assert_eq!(d.queued_bytes(), 0);
+}
+
+/// A sink that takes a while and records how many deliveries overlapped.
+#[derive(Default)]
+struct SlowSink {
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    delivered: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl twinroute::sinks::Sink for SlowSink {
+    async fn deliver(&self, batch: &[Arc<twinroute::delivery::Envelope>]) -> DeliveryOutcome {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.delivered.fetch_add(batch.len(), Ordering::SeqCst);
+        DeliveryOutcome::Delivered
+    }
+}
+
+struct SlowFactory(Arc<SlowSink>);
+
+#[async_trait::async_trait]
+impl twinroute::sinks::SinkFactory for SlowFactory {
+    fn supports(&self, _: &twinroute::config::EndpointConfig) -> bool {
+        true
+    }
+    async fn build(
+        &self,
+        _: &twinroute::config::EndpointConfig,
+    ) -> Result<Arc<dyn twinroute::sinks::Sink>, twinroute::sinks::SinkBuildError> {
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_concurrency_limit_bounds_overlapping_deliveries() {
+    for (concurrency, expected) in [(1usize, 1usize), (4, 4)] {
+        let toml = format!(
+            "{ONE_ENDPOINT}[delivery]\nbatch_max_events = 1\nlinger_ms = 0\nconcurrency = {concurrency}\n"
+        );
+        let config = Config::from_toml(&toml, "test", Some(HashMap::new())).unwrap();
+        let sink = Arc::new(SlowSink::default());
+        let d = Dispatcher::new(config.delivery.clone(), Arc::new(SlowFactory(sink.clone())));
+        let routes = config
+            .routes
+            .values()
+            .map(|r| Route { id: r.id.clone(), endpoint: r.endpoint_name.clone(), filter: r.filter.clone() })
+            .collect();
+        d.apply(&config.endpoints, routes).await.unwrap();
+        let started = Instant::now();
+        d.submit((0..8).map(|i| event(twin_create(&format!("t{i}")))).collect(), "test").unwrap();
+        assert!(d.shutdown(Duration::from_secs(60)).await.is_empty());
+        assert_eq!(sink.delivered.load(Ordering::SeqCst), 8);
+        assert_eq!(sink.most.load(Ordering::SeqCst), expected, "concurrency {concurrency}");
+        assert_eq!(started.elapsed().as_millis() as usize, 800 / expected);
+    }
 }
