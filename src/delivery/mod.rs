@@ -7,6 +7,7 @@
 //! configuration those events were accepted with, then stops.
 
 pub mod deadletter;
+pub mod queue;
 pub mod retry;
 mod worker;
 
@@ -19,7 +20,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// An accepted event on its way: shared by every endpoint it was routed to.
@@ -148,7 +148,7 @@ impl EndpointStats {
 /// the worker then drains it and stops.
 pub struct EndpointHandle {
     pub config: EndpointConfig,
-    sender: mpsc::Sender<Arc<Envelope>>,
+    queue: Box<dyn queue::QueueWriter>,
     pub stats: Arc<EndpointStats>,
 }
 
@@ -158,7 +158,7 @@ impl EndpointHandle {
     }
     /// Events waiting in the queue.
     pub fn queue_len(&self) -> usize {
-        self.sender.max_capacity() - self.sender.capacity()
+        self.queue.len()
     }
 }
 
@@ -206,6 +206,8 @@ pub struct Dispatcher {
     queued_bytes: Arc<AtomicUsize>,
     /// Builds the sink of each new or changed endpoint.
     factory: Arc<dyn SinkFactory>,
+    /// Makes each endpoint's queue (in memory by default).
+    queues: Arc<dyn queue::QueueBackend>,
     /// Every worker ever started, so shutdown can wait for all of them, including those of
     /// endpoints replaced by a reconfiguration and still draining.
     workers: Mutex<Vec<Worker>>,
@@ -224,6 +226,7 @@ impl Dispatcher {
             config,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             factory,
+            queues: Arc::new(queue::MemoryQueues),
             workers: Mutex::new(Vec::new()),
         }
     }
@@ -284,7 +287,7 @@ impl Dispatcher {
         sink: Arc<dyn Sink>,
         dead_letters: Option<Arc<dyn deadletter::DeadLetterStore>>,
     ) -> (Arc<EndpointHandle>, Worker) {
-        let (sender, receiver) = mpsc::channel(self.config.queue_capacity);
+        let (writer, reader) = self.queues.open(&config.name, self.config.queue_capacity);
         let stats = Arc::new(EndpointStats::named(&config.name));
         let name = config.name.clone();
         let settings = self.config.with(config.spec.delivery.as_ref());
@@ -302,8 +305,8 @@ impl Dispatcher {
             concurrency: settings.concurrency,
             stats: stats.clone(),
         };
-        let task = tokio::spawn(worker::run(context, receiver));
-        (Arc::new(EndpointHandle { config, sender, stats: stats.clone() }), (name, stats, task))
+        let task = tokio::spawn(worker::run(context, reader));
+        (Arc::new(EndpointHandle { config, queue: writer, stats: stats.clone() }), (name, stats, task))
     }
 
     /// Routes `events` and queues each on every endpoint it matched: all of them, or none
@@ -340,14 +343,14 @@ impl Dispatcher {
                 permits.push(None);
                 continue;
             }
-            match snapshot.targets[i].sender.try_reserve_many(n) {
+            match snapshot.targets[i].queue.reserve(n) {
                 Ok(p) => permits.push(Some(p)),
-                Err(mpsc::error::TrySendError::Full(())) => {
+                Err(queue::ReserveError::Full) => {
                     metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
                         .increment(events.len() as u64);
                     return Err(Refusal::Full { endpoint: snapshot.targets[i].name().to_owned() });
                 }
-                Err(mpsc::error::TrySendError::Closed(())) => return Err(Refusal::ShuttingDown),
+                Err(queue::ReserveError::Closed) => return Err(Refusal::ShuttingDown),
             }
         }
         let mut accepted = Accepted { events: events.len(), unmatched: 0 };
@@ -364,11 +367,7 @@ impl Dispatcher {
             envelope.budget = Some(BudgetShare { budget: self.queued_bytes.clone(), bytes });
             let envelope = Arc::new(envelope);
             for i in set.iter() {
-                let permit = permits[i]
-                    .as_mut()
-                    .and_then(Iterator::next)
-                    .expect("a permit was reserved per routed event");
-                permit.send(envelope.clone());
+                permits[i].as_mut().expect("room was reserved per routed event").push(envelope.clone());
             }
         }
         for (i, &n) in needed.iter().enumerate() {
@@ -422,6 +421,12 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// Uses `queues` for the endpoints started from now on (instead of in-memory queues).
+    pub fn with_queues(mut self, queues: Arc<dyn queue::QueueBackend>) -> Self {
+        self.queues = queues;
+        self
+    }
+
     /// Bytes of accepted events held for delivery now (the backpressure gauge).
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Acquire)

@@ -8,6 +8,7 @@
 //! due, and its retry buffer is bounded: the queue then backs up and ingest answers 503.
 
 use super::deadletter::{DeadLetterRecord, DeadLetterStore};
+use super::queue::QueueReader;
 use super::retry::{Decision, GiveUp, RetryPolicy};
 use super::{EndpointStats, Envelope, Health};
 use crate::sinks::{DeliveryOutcome, Sink};
@@ -18,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// First and longest wait between attempts to write a dead letter while the store fails.
@@ -63,6 +63,8 @@ impl Pending {
 
 struct Worker {
     ctx: WorkerContext,
+    /// The endpoint's queue, told when each event is done.
+    queue: Box<dyn QueueReader>,
     /// Events waiting for their retry, by due time (ties in arrival order).
     retries: BTreeMap<(Instant, u64), Pending>,
     sequence: u64,
@@ -74,12 +76,13 @@ struct Worker {
     refreshed: bool,
 }
 
-pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelope>>) {
+pub(super) async fn run(ctx: WorkerContext, queue: Box<dyn QueueReader>) {
     let name = ctx.name.clone();
     let sink = ctx.sink.clone();
     let concurrency = ctx.concurrency.max(1);
     let mut worker = Worker {
         ctx,
+        queue,
         retries: BTreeMap::new(),
         sequence: 0,
         inbox: VecDeque::new(),
@@ -95,7 +98,7 @@ pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelo
     let mut in_flight_events = 0usize;
     let mut closed = false;
     loop {
-        depth.set((queue.len() + worker.inbox.len()) as f64);
+        depth.set((worker.queue.len() + worker.inbox.len()) as f64);
         retrying.set(worker.retries.len() as f64);
         in_flight_gauge.set(in_flight_events as f64);
         worker.ctx.stats.retrying.store(worker.retries.len() as u64, Ordering::Relaxed);
@@ -133,7 +136,7 @@ pub(super) async fn run(ctx: WorkerContext, mut queue: mpsc::Receiver<Arc<Envelo
                 in_flight_events -= batch.len();
                 worker.handle(batch, outcome).await;
             }
-            received = receive(&mut worker.inbox, &mut queue, worker.ctx.batch_max_events, worker.ctx.linger), if may_receive => {
+            received = receive(&mut worker.inbox, &mut worker.queue, worker.ctx.batch_max_events, worker.ctx.linger), if may_receive => {
                 if !received {
                     closed = true;
                 }
@@ -160,7 +163,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// more. False when the queue is closed and empty.
 async fn receive(
     inbox: &mut VecDeque<Arc<Envelope>>,
-    queue: &mut mpsc::Receiver<Arc<Envelope>>,
+    queue: &mut Box<dyn QueueReader>,
     max: usize,
     linger: Duration,
 ) -> bool {
@@ -254,6 +257,7 @@ impl Worker {
                     metrics::histogram!("twinroute_delivery_duration_seconds", "endpoint" => name.clone());
                 for p in &batch {
                     latency.record(p.envelope.received_at.elapsed().as_secs_f64());
+                    self.queue.done(&p.envelope);
                 }
                 if stats.health().0 != Health::Healthy {
                     tracing::info!(endpoint = %name, "delivery recovered");
@@ -333,6 +337,7 @@ impl Worker {
         let name = self.ctx.name.clone();
         let stats = &self.ctx.stats;
         let Some(store) = self.ctx.dead_letters.clone() else {
+            self.queue.done(&p.envelope);
             stats.dropped.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("twinroute_events_dropped_total", "endpoint" => name.clone(), "reason" => why.as_str()).increment(1);
             tracing::warn!(
@@ -367,6 +372,7 @@ impl Worker {
                 }
             }
         }
+        self.queue.done(&p.envelope);
         stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("twinroute_events_dead_lettered_total", "endpoint" => name.clone(), "reason" => why.as_str()).increment(1);
         tracing::warn!(endpoint = %name, event = p.envelope.event.id(), reason = why.as_str(), attempts = p.attempts, "event dead-lettered");
