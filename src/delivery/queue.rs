@@ -42,6 +42,9 @@ pub trait QueueReader: Send + 'static {
     async fn recv_many(&mut self, buffer: &mut Vec<Arc<Envelope>>, max: usize) -> usize;
     /// Events waiting.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The endpoint is done with `envelope` (delivered, dead-lettered or dropped): a durable
     /// queue may forget it now. The memory queue forgets on read.
     fn done(&mut self, _envelope: &Envelope) {}
