@@ -7,6 +7,7 @@
 pub mod message;
 
 use crate::config::ConnectionString;
+use crate::delivery::Envelope;
 use crate::identity::sas::{self, DEFAULT_SAS_VALIDITY, SAS_TOKEN_TYPE};
 use crate::identity::{provider::required_role, CachedCredential, Token};
 use crate::sinks::DeliveryOutcome;
@@ -15,6 +16,7 @@ use azure_core_amqp::{
     AmqpConnectionOptions, AmqpError, AmqpMessage, AmqpSendOptions, AmqpSendOutcome, AmqpSender,
     AmqpSenderApis, AmqpSession, AmqpSessionApis,
 };
+use message::{batch_envelope, batched_size, encode, event_message, MessageOptions};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -485,6 +487,107 @@ impl AmqpClient {
             let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, c.connection.close()).await;
         };
         let _ = io.spawn(closing).await;
+    }
+}
+
+/// Room kept free in a batch for the envelope's own encoding.
+const ENVELOPE_OVERHEAD: u64 = 1024;
+
+/// Groups envelopes by key, keeping each key's events in their order (first-seen key order).
+pub fn group_by_key(
+    batch: &[Arc<Envelope>],
+    key: impl Fn(&Envelope) -> Option<String>,
+) -> Vec<(Option<String>, Vec<&Arc<Envelope>>)> {
+    let mut groups: Vec<(Option<String>, Vec<&Arc<Envelope>>)> = Vec::new();
+    for envelope in batch {
+        let k = key(envelope);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, members)) => members.push(envelope),
+            None => groups.push((k, vec![envelope])),
+        }
+    }
+    groups
+}
+
+/// Sends `group` (all with the same partition key or session) as batches no larger than `max`.
+async fn send_group(
+    client: &AmqpClient,
+    target: &str,
+    group: &[&Arc<Envelope>],
+    options: &MessageOptions,
+    max: u64,
+) -> DeliveryOutcome {
+    let budget = max.saturating_sub(ENVELOPE_OVERHEAD) as usize;
+    let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut first = None;
+    let mut size = 0usize;
+    for envelope in group {
+        let message = event_message(&envelope.event, options);
+        let encoded = match encode(&message) {
+            Ok(e) => e,
+            Err(reason) => return DeliveryOutcome::Permanent { reason },
+        };
+        let add = batched_size(encoded.len());
+        if add > budget {
+            return DeliveryOutcome::Permanent {
+                reason: format!(
+                    "event {} is {} bytes encoded, over the entity's maximum message size of {max} bytes",
+                    envelope.event.id(),
+                    encoded.len()
+                ),
+            };
+        }
+        if size + add > budget && !pending.is_empty() {
+            let envelope_message = batch_envelope(
+                first.as_ref().expect("set with the first message"),
+                std::mem::take(&mut pending),
+            );
+            let outcome = client.send(target, envelope_message, true).await;
+            if outcome != DeliveryOutcome::Delivered {
+                return outcome;
+            }
+            size = 0;
+            first = None;
+        }
+        if first.is_none() {
+            first = Some(message);
+        }
+        size += add;
+        pending.push(encoded);
+    }
+    match first {
+        Some(first) => client.send(target, batch_envelope(&first, pending), true).await,
+        None => DeliveryOutcome::Delivered,
+    }
+}
+
+impl AmqpClient {
+    /// Delivers a batch to `target`: grouped by twin id when `by_twin` (a partition key or a
+    /// session holds one twin's events, in order), each group in batches up to the link's
+    /// maximum message size, `options` giving each group's key. Stops at the first failure.
+    pub async fn deliver_grouped(
+        &self,
+        target: &str,
+        batch: &[Arc<Envelope>],
+        by_twin: bool,
+        options: impl Fn(Option<String>) -> MessageOptions,
+    ) -> DeliveryOutcome {
+        let max = match self.max_message_size(target).await {
+            Ok(m) => m,
+            Err(outcome) => return outcome,
+        };
+        let groups = if by_twin {
+            group_by_key(batch, |e| e.event.twin_id().map(str::to_owned))
+        } else {
+            group_by_key(batch, |_| None)
+        };
+        for (key, group) in groups {
+            let outcome = send_group(self, target, &group, &options(key), max).await;
+            if outcome != DeliveryOutcome::Delivered {
+                return outcome;
+            }
+        }
+        DeliveryOutcome::Delivered
     }
 }
 

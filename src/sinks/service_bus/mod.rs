@@ -4,7 +4,6 @@
 
 use super::amqp::message::MessageOptions;
 use super::amqp::{AmqpAuth, AmqpClient, AmqpTargetConfig, Service};
-use super::event_hubs::{group_by_key, send_group};
 use super::{DeliveryOutcome, Sink};
 use crate::config::{EndpointConfig, EndpointTarget, SessionIdFrom};
 use crate::delivery::Envelope;
@@ -39,22 +38,13 @@ impl ServiceBusSink {
 impl Sink for ServiceBusSink {
     async fn deliver(&self, batch: &[Arc<Envelope>]) -> DeliveryOutcome {
         let target = self.client.config().entity.clone();
-        let max = match self.client.max_message_size(&target).await {
-            Ok(m) => m,
-            Err(outcome) => return outcome,
-        };
-        let groups = match self.session_id {
-            SessionIdFrom::TwinId => group_by_key(batch, |e| e.event.twin_id().map(str::to_owned)),
-            SessionIdFrom::None => group_by_key(batch, |_| None),
-        };
-        for (session, group) in groups {
-            let options = MessageOptions { partition_key: None, session_id: session };
-            let outcome = send_group(&self.client, &target, &group, &options, max).await;
-            if outcome != DeliveryOutcome::Delivered {
-                return outcome;
-            }
-        }
-        DeliveryOutcome::Delivered
+        let by_twin = self.session_id == SessionIdFrom::TwinId;
+        self.client
+            .deliver_grouped(&target, batch, by_twin, |session| MessageOptions {
+                partition_key: None,
+                session_id: session,
+            })
+            .await
     }
 
     async fn refresh_credentials(&self) {
