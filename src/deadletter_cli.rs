@@ -735,6 +735,9 @@ async fn replay(store: &Store, selection: &Selection, options: &ReplayOptions) -
                 stopped = Some(format!("the endpoint refused the credentials: {}", redact_urls(&reason)));
                 break;
             }
+            DeliveryOutcome::Partial { .. } => {
+                unreachable!("deliver() resolves partial outcomes of one event")
+            }
         }
     }
     if let Some(w) = watcher {
@@ -782,7 +785,13 @@ async fn deliver(sink: &dyn Sink, envelope: &Arc<Envelope>, n: &str) -> Delivery
     let mut attempt = 1;
     let mut refreshed = false;
     loop {
-        match sink.deliver(batch).await {
+        // One event: a partial outcome is the outcome of the event.
+        let outcome = match sink.deliver(batch).await {
+            DeliveryOutcome::Partial { delivered, rest } if delivered.is_empty() => *rest,
+            DeliveryOutcome::Partial { .. } => DeliveryOutcome::Delivered,
+            other => other,
+        };
+        match outcome {
             DeliveryOutcome::AuthFailure { .. } if !refreshed => {
                 refreshed = true;
                 sink.refresh_credentials().await;

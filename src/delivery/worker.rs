@@ -247,7 +247,24 @@ impl Worker {
     async fn handle(&mut self, batch: Vec<Pending>, outcome: DeliveryOutcome) {
         let stats = self.ctx.stats.clone();
         let name = self.ctx.name.clone();
+        let outcome = match outcome {
+            DeliveryOutcome::Partial { delivered, rest } => {
+                // The delivered events are done; the others get the rest of the outcome.
+                let (done, left): (Vec<(usize, Pending)>, Vec<(usize, Pending)>) =
+                    batch.into_iter().enumerate().partition(|(i, _)| delivered.contains(i));
+                Box::pin(self.handle(done.into_iter().map(|(_, p)| p).collect(), DeliveryOutcome::Delivered))
+                    .await;
+                let left: Vec<Pending> = left.into_iter().map(|(_, p)| p).collect();
+                if left.is_empty() {
+                    return;
+                }
+                return Box::pin(self.handle(left, *rest)).await;
+            }
+            other => other,
+        };
+        let batch = batch;
         match outcome {
+            DeliveryOutcome::Partial { .. } => unreachable!("split above"),
             DeliveryOutcome::Delivered => {
                 let n = batch.len() as u64;
                 stats.delivered.fetch_add(n, Ordering::Relaxed);

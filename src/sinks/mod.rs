@@ -32,6 +32,26 @@ pub enum DeliveryOutcome {
     AuthFailure { reason: String },
     /// Retrying cannot help (bad request, too large, entity not found): dead-letter at once.
     Permanent { reason: String },
+    /// Some events of the batch were delivered (their positions in `delivered`); the others had
+    /// the outcome `rest` (never itself `Partial` or `Delivered`).
+    Partial { delivered: Vec<usize>, rest: Box<DeliveryOutcome> },
+}
+
+impl DeliveryOutcome {
+    /// `rest` for the events not in `delivered`: `Partial`, or just `rest` when nothing was
+    /// delivered.
+    pub fn partial(delivered: Vec<usize>, rest: DeliveryOutcome) -> DeliveryOutcome {
+        match rest {
+            DeliveryOutcome::Delivered => DeliveryOutcome::Delivered,
+            rest if delivered.is_empty() => rest,
+            DeliveryOutcome::Partial { delivered: more, rest } => {
+                let mut all = delivered;
+                all.extend(more);
+                DeliveryOutcome::Partial { delivered: all, rest }
+            }
+            rest => DeliveryOutcome::Partial { delivered, rest: Box::new(rest) },
+        }
+    }
 }
 
 /// A destination for routed events.

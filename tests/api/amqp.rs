@@ -503,3 +503,36 @@ async fn an_imds_outage_changes_nothing_and_a_revoked_token_is_refreshed() {
     let all: usize = read_hub(&stack, "twins").await.values().map(Vec::len).sum();
     assert_eq!(all, 3);
 }
+
+#[tokio::test]
+async fn an_event_too_large_for_the_hub_is_refused_alone() {
+    let stack = stack(AmqpConfig { max_message_size: 4096, ..Default::default() }).await;
+    let extra = format!(
+        "[endpoints.hub-k]\ntype = \"EventHub\"\nconnection_string = \"{};EntityPath=twins\"\npartition_key = \"none\"\ncustom_endpoint = \"{}\"\n",
+        connection_string(DEV_SAS_KEY),
+        stack.amqp.endpoint()
+    );
+    let app = spawn_real(&extra).await;
+    route_all(&app, "hub-k").await;
+    let mut big = twin_create("big");
+    big["data"]["blob"] = "x".repeat(6000).into();
+    let batch = serde_json::json!([twin_create("a"), big, twin_create("b")]);
+    assert_eq!(app.post("application/cloudevents-batch+json", batch.to_string()).await.status(), 202);
+    let stats = app.running.as_ref().unwrap().dispatcher.snapshot().endpoints["hub-k"].stats.clone();
+    within("the refusal", async {
+        while stats.dropped.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(stats.delivered.load(std::sync::atomic::Ordering::Relaxed), 2);
+    drop(stats);
+    app.stop().await;
+    let ids: Vec<String> = read_hub(&stack, "twins")
+        .await
+        .values()
+        .flatten()
+        .map(|e| string_property(e, "cloudEvents:id").unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "the two that fit, once each: {ids:?}");
+}

@@ -318,3 +318,28 @@ async fn the_concurrency_limit_bounds_overlapping_deliveries() {
         assert_eq!(started.elapsed().as_millis() as usize, 800 / expected);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_partial_outcome_finishes_what_was_delivered_and_acts_on_the_rest() {
+    let (d, sinks) = dispatcher(&format!(
+        "[endpoints.grid-a]\ntype = \"EventGrid\"\ntopic_endpoint = \"https://t.example/api/events\"\naccess_key1 = \"k\"\n\
+         dead_letter_secret = \"{SAS}\"\n[routes.all]\nendpoint_name = \"grid-a\"\n"
+    ))
+    .await;
+    let sink = sinks.sink("grid-a");
+    sink.fail_next([DeliveryOutcome::Partial {
+        delivered: vec![0, 2],
+        rest: Box::new(DeliveryOutcome::Permanent { reason: "event over the size limit".into() }),
+    }]);
+    let events: Vec<serde_json::Value> = (0..3).map(|i| twin_create(&format!("t{i}"))).collect();
+    d.submit(events.iter().map(|e| event(e.clone())).collect(), "test").unwrap();
+    let letters = sinks.dead_letters("grid-a");
+    letters.wait_for(1).await;
+    let dead: serde_json::Value = serde_json::from_slice(&letters.letters()[0].body).unwrap();
+    assert_eq!(dead["id"], events[1]["id"], "only the refused event is dead-lettered");
+    let delivered: Vec<String> = sink.delivered().iter().map(|e| e.event.id().to_owned()).collect();
+    assert_eq!(delivered, [events[0]["id"].as_str().unwrap(), events[2]["id"].as_str().unwrap()]);
+    assert_eq!(sink.attempts(), 1, "nothing delivered is sent again");
+    assert_accounted(&stats(&d, "grid-a"), 3);
+    d.shutdown(Duration::from_secs(5)).await;
+}

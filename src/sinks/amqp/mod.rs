@@ -493,59 +493,82 @@ impl AmqpClient {
 /// Room kept free in a batch for the envelope's own encoding.
 const ENVELOPE_OVERHEAD: u64 = 1024;
 
-/// Groups envelopes by key, keeping each key's events in their order (first-seen key order).
+/// Groups positions of `batch` by key, keeping each key's events in their order (first-seen key
+/// order).
 pub fn group_by_key(
     batch: &[Arc<Envelope>],
     key: impl Fn(&Envelope) -> Option<String>,
-) -> Vec<(Option<String>, Vec<&Arc<Envelope>>)> {
-    let mut groups: Vec<(Option<String>, Vec<&Arc<Envelope>>)> = Vec::new();
-    for envelope in batch {
+) -> Vec<(Option<String>, Vec<usize>)> {
+    let mut groups: Vec<(Option<String>, Vec<usize>)> = Vec::new();
+    for (i, envelope) in batch.iter().enumerate() {
         let k = key(envelope);
         match groups.iter_mut().find(|(g, _)| *g == k) {
-            Some((_, members)) => members.push(envelope),
-            None => groups.push((k, vec![envelope])),
+            Some((_, members)) => members.push(i),
+            None => groups.push((k, vec![i])),
         }
     }
     groups
 }
 
-/// Sends `group` (all with the same partition key or session) as batches no larger than `max`.
+/// What sending one group did.
+struct GroupResult {
+    /// Positions delivered.
+    delivered: Vec<usize>,
+    /// Positions that can never be sent (larger than the entity allows), with why.
+    oversized: Vec<(usize, String)>,
+    /// The failure that stopped the group, if any (what was not sent had it).
+    failure: Option<DeliveryOutcome>,
+}
+
+/// Sends the events at `positions` (all with the same partition key or session) as batches no
+/// larger than `max`; an event that alone is too large is set aside, not sent.
 async fn send_group(
     client: &AmqpClient,
     target: &str,
-    group: &[&Arc<Envelope>],
+    batch: &[Arc<Envelope>],
+    positions: &[usize],
     options: &MessageOptions,
     max: u64,
-) -> DeliveryOutcome {
+) -> GroupResult {
     let budget = max.saturating_sub(ENVELOPE_OVERHEAD) as usize;
+    let mut result = GroupResult { delivered: Vec::new(), oversized: Vec::new(), failure: None };
     let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut pending_at: Vec<usize> = Vec::new();
     let mut first = None;
     let mut size = 0usize;
-    for envelope in group {
-        let message = event_message(&envelope.event, options);
+    for &i in positions {
+        let event = &batch[i].event;
+        let message = event_message(event, options);
         let encoded = match encode(&message) {
             Ok(e) => e,
-            Err(reason) => return DeliveryOutcome::Permanent { reason },
+            Err(reason) => {
+                result.oversized.push((i, reason));
+                continue;
+            }
         };
         let add = batched_size(encoded.len());
         if add > budget {
-            return DeliveryOutcome::Permanent {
-                reason: format!(
+            result.oversized.push((
+                i,
+                format!(
                     "event {} is {} bytes encoded, over the entity's maximum message size of {max} bytes",
-                    envelope.event.id(),
+                    event.id(),
                     encoded.len()
                 ),
-            };
+            ));
+            continue;
         }
         if size + add > budget && !pending.is_empty() {
-            let envelope_message = batch_envelope(
+            let message = batch_envelope(
                 first.as_ref().expect("set with the first message"),
                 std::mem::take(&mut pending),
             );
-            let outcome = client.send(target, envelope_message, true).await;
+            let outcome = client.send(target, message, true).await;
             if outcome != DeliveryOutcome::Delivered {
-                return outcome;
+                result.failure = Some(outcome);
+                return result;
             }
+            result.delivered.append(&mut pending_at);
             size = 0;
             first = None;
         }
@@ -554,17 +577,25 @@ async fn send_group(
         }
         size += add;
         pending.push(encoded);
+        pending_at.push(i);
     }
-    match first {
-        Some(first) => client.send(target, batch_envelope(&first, pending), true).await,
-        None => DeliveryOutcome::Delivered,
+    if let Some(first) = first {
+        let outcome = client.send(target, batch_envelope(&first, pending), true).await;
+        if outcome == DeliveryOutcome::Delivered {
+            result.delivered.append(&mut pending_at);
+        } else {
+            result.failure = Some(outcome);
+        }
     }
+    result
 }
 
 impl AmqpClient {
     /// Delivers a batch to `target`: grouped by twin id when `by_twin` (a partition key or a
     /// session holds one twin's events, in order), each group in batches up to the link's
-    /// maximum message size, `options` giving each group's key. Stops at the first failure.
+    /// maximum message size, `options` giving each group's key. Stops at the first failure and
+    /// reports what was delivered before it; events too large for the entity are refused
+    /// (permanent) while the others go.
     pub async fn deliver_grouped(
         &self,
         target: &str,
@@ -581,13 +612,22 @@ impl AmqpClient {
         } else {
             group_by_key(batch, |_| None)
         };
-        for (key, group) in groups {
-            let outcome = send_group(self, target, &group, &options(key), max).await;
-            if outcome != DeliveryOutcome::Delivered {
-                return outcome;
+        let mut delivered = Vec::new();
+        let mut oversized: Vec<(usize, String)> = Vec::new();
+        for (key, positions) in groups {
+            let mut result = send_group(self, target, batch, &positions, &options(key), max).await;
+            delivered.append(&mut result.delivered);
+            oversized.append(&mut result.oversized);
+            if let Some(failure) = result.failure {
+                // What was not delivered (the oversized included) is retried with the failure.
+                return DeliveryOutcome::partial(delivered, failure);
             }
         }
-        DeliveryOutcome::Delivered
+        if oversized.is_empty() {
+            return DeliveryOutcome::Delivered;
+        }
+        let reasons: Vec<String> = oversized.into_iter().map(|(_, r)| r).collect();
+        DeliveryOutcome::partial(delivered, DeliveryOutcome::Permanent { reason: reasons.join("; ") })
     }
 }
 

@@ -142,6 +142,7 @@ fn worse(a: DeliveryOutcome, b: DeliveryOutcome) -> DeliveryOutcome {
             DeliveryOutcome::Transient { .. } => 1,
             DeliveryOutcome::Permanent { .. } => 2,
             DeliveryOutcome::AuthFailure { .. } => 3,
+            DeliveryOutcome::Partial { rest, .. } => rank(rest),
         }
     }
     match (a, b) {

@@ -213,32 +213,33 @@ async fn error_detail(response: reqwest::Response) -> String {
 
 #[async_trait]
 impl Sink for EventGridSink {
-    /// Sends the batch's requests in order and stops at the first failure. Delivery is at least
-    /// once: when a later request fails, the whole batch is delivered again, and the events of
-    /// the requests that had succeeded reach the topic twice (consumers dedupe on source + id).
-    /// Events too large to send at all are reported `Permanent` once the others are delivered.
+    /// Sends the batch's requests in order and stops at the first failure, reporting the events
+    /// of the requests that succeeded as delivered (`Partial`), so only the rest is retried.
+    /// Events too large to send at all are refused (permanent) while the others are delivered.
     async fn deliver(&self, batch: &[Arc<Envelope>]) -> DeliveryOutcome {
         let EventGridRequests { requests, oversized } = build_requests(self.schema, batch, MAX_REQUEST_BYTES);
+        let mut delivered = Vec::new();
         for request in &requests {
             match self.send(request).await {
-                Answer::Delivered => {}
+                Answer::Delivered => delivered.extend(request.events.iter().copied()),
                 Answer::KeysRefused { status } => {
-                    return DeliveryOutcome::AuthFailure {
+                    let refused = DeliveryOutcome::AuthFailure {
                         reason: format!(
                             "the access key was refused by the Event Grid topic {} ({status}); check \
                              access_key1/access_key2",
                             self.display_url
                         ),
-                    }
+                    };
+                    return DeliveryOutcome::partial(delivered, refused);
                 }
-                Answer::Failed(outcome) => return outcome,
+                Answer::Failed(outcome) => return DeliveryOutcome::partial(delivered, outcome),
             }
         }
         if oversized.is_empty() {
             return DeliveryOutcome::Delivered;
         }
         let ids: Vec<String> = oversized.iter().map(|o| format!("{} ({} bytes)", o.id, o.size)).collect();
-        DeliveryOutcome::Permanent {
+        let refused = DeliveryOutcome::Permanent {
             reason: format!(
                 "event(s) {} over Event Grid's limit of {} bytes per request; the other {} event(s) of the \
                  batch were delivered",
@@ -246,7 +247,8 @@ impl Sink for EventGridSink {
                 MAX_REQUEST_BYTES,
                 batch.len() - oversized.len()
             ),
-        }
+        };
+        DeliveryOutcome::partial(delivered, refused)
     }
 }
 

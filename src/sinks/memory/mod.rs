@@ -70,6 +70,11 @@ impl Sink for MemorySink {
     async fn deliver(&self, batch: &[Arc<Envelope>]) -> DeliveryOutcome {
         self.attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(outcome) = self.scripted.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            if let DeliveryOutcome::Partial { delivered: positions, .. } = &outcome {
+                let mut delivered = self.delivered.lock().unwrap_or_else(|e| e.into_inner());
+                delivered.extend(positions.iter().filter_map(|&i| batch.get(i).cloned()));
+                self.count.send_replace(delivered.len());
+            }
             return outcome;
         }
         if let Some(outcome) = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone() {
