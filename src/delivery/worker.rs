@@ -250,11 +250,16 @@ impl Worker {
         let outcome = match outcome {
             DeliveryOutcome::Partial { delivered, rest } => {
                 // The delivered events are done; the others get the rest of the outcome.
-                let (done, left): (Vec<(usize, Pending)>, Vec<(usize, Pending)>) =
-                    batch.into_iter().enumerate().partition(|(i, _)| delivered.contains(i));
-                Box::pin(self.handle(done.into_iter().map(|(_, p)| p).collect(), DeliveryOutcome::Delivered))
-                    .await;
-                let left: Vec<Pending> = left.into_iter().map(|(_, p)| p).collect();
+                let mut done = Vec::new();
+                let mut left = Vec::new();
+                for (i, p) in batch.into_iter().enumerate() {
+                    if delivered.contains(&i) {
+                        done.push(p);
+                    } else {
+                        left.push(p);
+                    }
+                }
+                Box::pin(self.handle(done, DeliveryOutcome::Delivered)).await;
                 if left.is_empty() {
                     return;
                 }
