@@ -292,7 +292,7 @@ mod tests {
             &["imds", "--admin-listen", "127.0.0.1:1"],
             &["imds", "--listen"],
             &["imds", "--listen", "0.0.0.0:40342"],
-            &["imds", "--listen", "169.254.169.254:80"],
+            &["imds", "--listen", "169.254.169.254:80"], // refused by parsing: not loopback
             &["imds", "--lifetime-seconds", "soon"],
             &["imds", "--verbose"],
         ] {
