@@ -2,10 +2,10 @@
 //! endpoints`): `{"name", "type", "properties": {"endpointType", "authenticationType", ...}}`.
 //! Secrets are accepted on PUT and never returned: as ARM does, they come back as `null`.
 
-use super::{error_response, page, AdminState, ApiQuery};
+use super::{error_response, page, AdminState, Api};
 use crate::config::{EndpointConfig, EndpointSpec, IdentitySpec, Secret};
 use crate::control::{endpoint_not_found, Upsert};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -246,14 +246,7 @@ fn resource(e: &EndpointConfig) -> EndpointResourceOut {
     }
 }
 
-pub(super) async fn list(
-    State(state): State<AdminState>,
-    Query(query): Query<ApiQuery>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+pub(super) async fn list(State(state): State<AdminState>, Api(query): Api, headers: HeaderMap) -> Response {
     let items = state
         .control
         .endpoints()
@@ -264,14 +257,7 @@ pub(super) async fn list(
     page(items, &query, &headers, "/endpoints")
 }
 
-pub(super) async fn get_one(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    Query(query): Query<ApiQuery>,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+pub(super) async fn get_one(State(state): State<AdminState>, Path(name): Path<String>, _: Api) -> Response {
     match state.control.endpoint(&name).await {
         Some(e) => Json(resource_with_status(&state, &e)).into_response(),
         None => endpoint_not_found(&name).into_response(),
@@ -281,12 +267,9 @@ pub(super) async fn get_one(
 pub(super) async fn put(
     State(state): State<AdminState>,
     Path(name): Path<String>,
-    Query(query): Query<ApiQuery>,
+    _: Api,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
     let input: EndpointResourceIn = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -323,14 +306,7 @@ pub(super) async fn put(
     }
 }
 
-pub(super) async fn delete(
-    State(state): State<AdminState>,
-    Path(name): Path<String>,
-    Query(query): Query<ApiQuery>,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+pub(super) async fn delete(State(state): State<AdminState>, Path(name): Path<String>, _: Api) -> Response {
     match state.control.delete_endpoint(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),

@@ -61,6 +61,21 @@ impl IntoResponse for ControlError {
     }
 }
 
+/// The query of every admin request, with `api-version` already checked: a handler taking it
+/// never sees an unsupported version (the request is answered 400 `InvalidApiVersion` first).
+pub(crate) struct Api(pub(crate) ApiQuery);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Api {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        let Query(query) =
+            Query::<ApiQuery>::from_request_parts(parts, state).await.map_err(IntoResponse::into_response)?;
+        query.check()?;
+        Ok(Api(query))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct ApiQuery {
     #[serde(rename = "api-version")]
@@ -133,14 +148,7 @@ struct EventRouteIn {
     filter: Option<String>,
 }
 
-async fn list_routes(
-    State(state): State<AdminState>,
-    Query(query): Query<ApiQuery>,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+async fn list_routes(State(state): State<AdminState>, Api(query): Api, headers: HeaderMap) -> Response {
     let routes = state.control.routes().await;
     let items = routes
         .into_iter()
@@ -156,14 +164,7 @@ async fn list_routes(
     page(items, &query, &headers, "/eventroutes")
 }
 
-async fn get_route(
-    State(state): State<AdminState>,
-    Path(id): Path<String>,
-    Query(query): Query<ApiQuery>,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+async fn get_route(State(state): State<AdminState>, Path(id): Path<String>, _: Api) -> Response {
     match state.control.route(&id).await {
         Some(r) => Json(EventRouteBody {
             id: r.id,
@@ -178,12 +179,9 @@ async fn get_route(
 async fn put_route(
     State(state): State<AdminState>,
     Path(id): Path<String>,
-    Query(query): Query<ApiQuery>,
+    _: Api,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
     let input: EventRouteIn = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -213,14 +211,7 @@ async fn put_route(
     }
 }
 
-async fn delete_route(
-    State(state): State<AdminState>,
-    Path(id): Path<String>,
-    Query(query): Query<ApiQuery>,
-) -> Response {
-    if let Err(r) = query.check() {
-        return r;
-    }
+async fn delete_route(State(state): State<AdminState>, Path(id): Path<String>, _: Api) -> Response {
     match state.control.delete_route(&id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),

@@ -86,6 +86,20 @@ async fn route_refusals_carry_adt_error_codes() {
         app.client.get(format!("{}/eventroutes?api-version=1999-01-01", app.admin)).send().await.unwrap();
     assert_eq!(version.status(), 400);
     assert_eq!(json_of(version).await["error"]["code"], "InvalidApiVersion");
+    // Every admin request checks it, writes included (and nothing is written).
+    for request in [
+        app.client
+            .put(format!("{}/eventroutes/r9?api-version=1999-01-01", app.admin))
+            .json(&json!({"endpointName": "hub-a", "filter": "true"})),
+        app.client.delete(format!("{}/endpoints/hub-b?api-version=1999-01-01", app.admin)),
+        app.client.get(format!("{}/endpoints?api-version=1999-01-01", app.admin)),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        assert_eq!(response.headers()["x-ms-error-code"], "InvalidApiVersion");
+    }
+    let r9 = app.client.get(format!("{}/eventroutes/r9", app.admin)).send().await.unwrap();
+    assert_eq!(r9.status(), 404);
     app.stop().await;
 }
 
