@@ -4,32 +4,64 @@
 use super::{Attribute, CloudEvent, DataEncoding, ExtensionValue};
 use base64::Engine as _;
 
-fn write_str(out: &mut Vec<u8>, s: &str) {
+/// Appends `s` as a JSON string.
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
     // Writing a &str into a Vec cannot fail.
     serde_json::to_writer(&mut *out, s).expect("serializing a string into memory");
+}
+
+/// Writes the members of a JSON object by hand (so raw data bytes can go in untouched): the
+/// caller writes the braces, this the commas and keys.
+#[derive(Default)]
+pub(crate) struct Members {
+    first_written: bool,
+}
+
+impl Members {
+    /// Appends `,"name":` (no comma before the first member).
+    pub(crate) fn key(&mut self, out: &mut Vec<u8>, name: &str) {
+        if self.first_written {
+            out.push(b',');
+        }
+        self.first_written = true;
+        write_str(out, name);
+        out.push(b':');
+    }
+
+    /// The event data as CloudEvents' JSON format writes it: `"data"` with the JSON bytes as
+    /// they are or the text as a string, or `"data_base64"`.
+    pub(crate) fn data(&mut self, out: &mut Vec<u8>, data: &super::EventData) {
+        match data.encoding {
+            DataEncoding::Json => {
+                self.key(out, "data");
+                out.extend_from_slice(&data.bytes);
+            }
+            DataEncoding::Text => {
+                self.key(out, "data");
+                // Text data was a JSON string, so it is valid UTF-8.
+                write_str(out, &String::from_utf8_lossy(&data.bytes));
+            }
+            DataEncoding::Binary => {
+                self.key(out, "data_base64");
+                write_str(out, &base64::engine::general_purpose::STANDARD.encode(&data.bytes));
+            }
+        }
+    }
 }
 
 impl CloudEvent {
     /// Appends the structured JSON form (one object, no trailing newline) to `out`.
     pub fn write_structured_json(&self, out: &mut Vec<u8>) {
         out.push(b'{');
-        let mut first = true;
-        let mut key = |out: &mut Vec<u8>, name: &str| {
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            write_str(out, name);
-            out.push(b':');
-        };
+        let mut members = Members::default();
         for attribute in Attribute::ALL {
             if let Some(value) = self.attribute(attribute) {
-                key(out, attribute.name());
+                members.key(out, attribute.name());
                 write_str(out, value);
             }
         }
         for (name, value) in &self.extensions {
-            key(out, name);
+            members.key(out, name);
             match value {
                 ExtensionValue::String(s) => write_str(out, s),
                 ExtensionValue::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
@@ -37,21 +69,7 @@ impl CloudEvent {
             }
         }
         if let Some(data) = &self.data {
-            match data.encoding {
-                DataEncoding::Json => {
-                    key(out, "data");
-                    out.extend_from_slice(&data.bytes);
-                }
-                DataEncoding::Text => {
-                    key(out, "data");
-                    // Text data was a JSON string, so it is valid UTF-8.
-                    write_str(out, &String::from_utf8_lossy(&data.bytes));
-                }
-                DataEncoding::Binary => {
-                    key(out, "data_base64");
-                    write_str(out, &base64::engine::general_purpose::STANDARD.encode(&data.bytes));
-                }
-            }
+            members.data(out, data);
         }
         out.push(b'}');
     }

@@ -4,7 +4,7 @@
 //! those bytes on the wire untouched (ADT forwards telemetry payloads byte for byte), and a route
 //! filter that reads `$body` parses them once, on first use, through [`CloudEvent::body`].
 
-mod encode;
+pub(crate) mod encode;
 mod parse;
 mod validate;
 

@@ -14,8 +14,8 @@
 
 use crate::config::EventGridSchema;
 use crate::delivery::Envelope;
-use crate::event::{CloudEvent, DataEncoding};
-use base64::Engine as _;
+use crate::event::encode::{write_str, Members};
+use crate::event::CloudEvent;
 use std::sync::Arc;
 use time::format_description::well_known::Rfc3339;
 
@@ -123,11 +123,6 @@ pub fn build_requests(
     out
 }
 
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Serializing a &str into memory cannot fail.
-    serde_json::to_writer(&mut *out, s).expect("serializing a string into memory");
-}
-
 /// An EventGridEvent, written by hand so the event's data bytes go out untouched.
 pub fn event_grid_event(envelope: &Envelope) -> Vec<u8> {
     let event = &envelope.event;
@@ -153,30 +148,9 @@ pub fn event_grid_event(envelope: &Envelope) -> Vec<u8> {
         }
     }
     out.extend_from_slice(b",\"data\":{");
-    let mut first = true;
-    let mut key = |out: &mut Vec<u8>, name: &str| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        write_str(out, name);
-        out.push(b':');
-    };
+    let mut members = Members::default();
     if let Some(data) = event.data() {
-        match data.encoding {
-            DataEncoding::Json => {
-                key(&mut out, "data");
-                out.extend_from_slice(&data.bytes);
-            }
-            DataEncoding::Text => {
-                key(&mut out, "data");
-                write_str(&mut out, &String::from_utf8_lossy(&data.bytes));
-            }
-            DataEncoding::Binary => {
-                key(&mut out, "data_base64");
-                write_str(&mut out, &base64::engine::general_purpose::STANDARD.encode(&data.bytes));
-            }
-        }
+        members.data(&mut out, data);
     }
     for (name, value) in [
         ("contenttype", event.datacontenttype()),
@@ -184,7 +158,7 @@ pub fn event_grid_event(envelope: &Envelope) -> Vec<u8> {
         ("dataschema", event.dataschema()),
     ] {
         if let Some(value) = value {
-            key(&mut out, name);
+            members.key(&mut out, name);
             write_str(&mut out, value);
         }
     }
