@@ -150,6 +150,8 @@ pub struct EndpointHandle {
     pub config: EndpointConfig,
     queue: Box<dyn queue::QueueWriter>,
     pub stats: Arc<EndpointStats>,
+    /// `twinroute_events_routed_total{endpoint}`, looked up once rather than per submission.
+    routed: metrics::Counter,
 }
 
 impl EndpointHandle {
@@ -306,12 +308,26 @@ impl Dispatcher {
             stats: stats.clone(),
         };
         let task = tokio::spawn(worker::run(context, reader));
-        (Arc::new(EndpointHandle { config, queue: writer, stats: stats.clone() }), (name, stats, task))
+        let routed = metrics::counter!("twinroute_events_routed_total", "endpoint" => name.clone());
+        (
+            Arc::new(EndpointHandle { config, queue: writer, stats: stats.clone(), routed }),
+            (name, stats, task),
+        )
     }
 
     /// Routes `events` and queues each on every endpoint it matched: all of them, or none
     /// (when a queue is full, or at shutdown). `source` labels the metrics.
-    pub fn submit(&self, events: Vec<CloudEvent>, source: &'static str) -> Result<Accepted, Refusal> {
+    pub fn submit(&self, mut events: Vec<CloudEvent>, source: &'static str) -> Result<Accepted, Refusal> {
+        self.submit_from(&mut events, source)
+    }
+
+    /// [`Dispatcher::submit`] for callers that offer the same events again when refused (file
+    /// sources waiting out backpressure): the events are taken from `events` only when accepted.
+    pub fn submit_from(
+        &self,
+        events: &mut Vec<CloudEvent>,
+        source: &'static str,
+    ) -> Result<Accepted, Refusal> {
         if !self.open.load(Ordering::Acquire) {
             metrics::counter!("twinroute_events_rejected_total", "reason" => "shutting_down")
                 .increment(events.len() as u64);
@@ -328,8 +344,9 @@ impl Dispatcher {
             }
         }
         // The byte bound first: memory stays bounded whatever the queue lengths.
-        let bytes: usize =
-            events.iter().zip(&sets).filter(|(_, s)| !s.is_empty()).map(|(e, _)| e.size_hint()).sum();
+        let sizes: Vec<usize> =
+            events.iter().zip(&sets).map(|(e, s)| if s.is_empty() { 0 } else { e.size_hint() }).collect();
+        let bytes: usize = sizes.iter().sum();
         let queued = self.queued_bytes.load(Ordering::Acquire);
         if bytes > 0 && queued + bytes > self.config.max_queued_bytes {
             metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
@@ -355,13 +372,12 @@ impl Dispatcher {
         }
         let mut accepted = Accepted { events: events.len(), unmatched: 0 };
         let histogram = metrics::histogram!("twinroute_routing_duration_seconds");
-        for (event, set) in events.into_iter().zip(&sets) {
+        for ((event, set), bytes) in events.drain(..).zip(&sets).zip(sizes) {
             histogram.record(per_event.as_secs_f64());
             if set.is_empty() {
                 accepted.unmatched += 1;
                 continue;
             }
-            let bytes = event.size_hint();
             self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
             let mut envelope = Envelope::new(event);
             envelope.budget = Some(BudgetShare { budget: self.queued_bytes.clone(), bytes });
@@ -374,8 +390,7 @@ impl Dispatcher {
             if n > 0 {
                 let target = &snapshot.targets[i];
                 target.stats.queued.fetch_add(n as u64, Ordering::Relaxed);
-                metrics::counter!("twinroute_events_routed_total", "endpoint" => target.name().to_owned())
-                    .increment(n as u64);
+                target.routed.increment(n as u64);
             }
         }
         metrics::counter!("twinroute_events_received_total", "source" => source)

@@ -87,12 +87,11 @@ pub async fn run<R: AsyncBufRead + Unpin>(
 /// Submits `pending`, waiting while queues are full. False when twinroute is shutting down.
 async fn submit(dispatcher: &Dispatcher, pending: &mut Vec<CloudEvent>, report: &mut NdjsonReport) -> bool {
     loop {
-        // The dispatcher consumes the events only when it accepts them; keep a copy to offer again.
-        match dispatcher.submit(pending.clone(), "ndjson") {
+        // The dispatcher takes the events only when it accepts them: refused ones stay to offer again.
+        match dispatcher.submit_from(pending, "ndjson") {
             Ok(accepted) => {
                 report.accepted += accepted.events as u64;
                 report.unmatched += accepted.unmatched as u64;
-                pending.clear();
                 return true;
             }
             Err(Refusal::Full { .. } | Refusal::Bytes { .. }) => tokio::time::sleep(FULL_WAIT).await,
