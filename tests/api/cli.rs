@@ -3,11 +3,7 @@
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 
-fn twinroute() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_twinroute"));
-    c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG");
-    c
-}
+use crate::helpers::twinroute;
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);

@@ -208,11 +208,7 @@ struct Run {
     stderr: String,
 }
 
-fn twinroute() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_twinroute"));
-    c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG").env("NO_PROXY", "127.0.0.1,localhost");
-    c
-}
+use crate::helpers::twinroute;
 
 /// Runs the binary off the runtime, so the in-process stand-ins keep answering meanwhile.
 async fn run(mut command: std::process::Command) -> Run {

@@ -133,3 +133,11 @@ pub fn telemetry(twin: &str, temperature: f64) -> serde_json::Value {
         "data": {"temperature": temperature}
     })
 }
+
+/// The `twinroute` binary with a clean environment: no log filter or configuration inherited,
+/// and loopback never proxied.
+pub fn twinroute() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_twinroute"));
+    c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG").env("NO_PROXY", "127.0.0.1,localhost");
+    c
+}

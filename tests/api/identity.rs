@@ -272,11 +272,7 @@ async fn the_credential_serves_azure_sdk_clients() {
     assert!(!format!("{cred:?}").contains(token.token.secret()));
 }
 
-fn twinroute() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_twinroute"));
-    c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG");
-    c
-}
+use crate::helpers::twinroute;
 
 #[tokio::test]
 async fn get_token_shows_source_audience_and_expiry_but_not_the_token() {
