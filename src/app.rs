@@ -2,8 +2,10 @@
 //! stopped in order (intake first, then the queues drain, then the listeners close).
 
 use crate::admin::{self, AdminState};
+use crate::config::SpoolChoice;
 use crate::config::{Config, ConfigError, SourceConfig};
 use crate::control::ControlPlane;
+use crate::delivery::spool::{DiskSpool, SpoolOptions};
 use crate::delivery::Dispatcher;
 use crate::identity::{IdentityProvider, ImdsTransport};
 use crate::ingest::{self, http::IngestState, ndjson::NdjsonReport};
@@ -19,6 +21,8 @@ use tokio::task::JoinHandle;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] crate::delivery::spool::SpoolError),
     #[error("cannot listen on {addr} ({what}): {source}; is another twinroute running? set {key} to another address")]
     Bind { what: &'static str, key: &'static str, addr: String, source: std::io::Error },
 }
@@ -42,6 +46,8 @@ pub struct ShutdownReport {
     pub undelivered: Vec<(String, u64)>,
     /// The result of the `--input` stream, if there was one.
     pub input: Option<NdjsonReport>,
+    /// Whether undelivered events stay in the durable spool for the next start.
+    pub spooled: bool,
 }
 
 /// Stand-ins started in-process (`[standins]`), kept alive for the daemon's life.
@@ -102,6 +108,8 @@ pub struct Running {
     pub dispatcher: Arc<Dispatcher>,
     pub control: Arc<ControlPlane>,
     drain_deadline: Duration,
+    /// The durable spool, when events are kept on disk.
+    pub spool: Option<DiskSpool>,
     /// Tells the HTTP servers to stop accepting connections.
     stop_servers: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
@@ -167,6 +175,33 @@ async fn summarize(dispatcher: Arc<Dispatcher>, period: Duration) {
     }
 }
 
+/// Opens the durable spool the configuration asks for, reporting what it found.
+fn open_spool(config: &Config) -> Result<Option<DiskSpool>, StartError> {
+    let (path, max_bytes, commit_interval) = match config.spool_choice() {
+        SpoolChoice::Memory => {
+            tracing::info!("spool in memory: accepted events not yet delivered are lost if twinroute dies (set state_dir for a durable spool)");
+            return Ok(None);
+        }
+        SpoolChoice::Disk { path, max_bytes, commit_interval } => (path, max_bytes, commit_interval),
+    };
+    let spool = DiskSpool::open(&SpoolOptions { path, max_bytes, commit_interval })?;
+    let recovery = spool.recovery();
+    if recovery.torn_tail_bytes > 0 {
+        tracing::warn!(
+            bytes = recovery.torn_tail_bytes,
+            "the spool's journal ended in an incomplete write (power loss or crash during a sync): cut off; it held nothing that was acknowledged"
+        );
+    }
+    if let Some(d) = &recovery.damaged {
+        tracing::error!(
+            first_seq = d.first_seq, last_seq = d.last_seq, records = d.records, reason = %d.reason,
+            "the spool's tail is damaged: the intact records before it are kept, the damaged ones removed"
+        );
+    }
+    tracing::info!(path = %spool.path().display(), waiting = recovery.events, bytes = spool.stored_bytes(), "spool on disk opened");
+    Ok(Some(spool))
+}
+
 impl Running {
     /// Starts everything the configuration describes.
     pub async fn start(config: Config, options: RunOptions) -> Result<Running, StartError> {
@@ -176,8 +211,29 @@ impl Running {
         let identity = Arc::new(IdentityProvider::new(&config.identity, options.imds_transport.clone()));
         let factory =
             options.sinks.clone().unwrap_or_else(|| Arc::new(DefaultSinkFactory::new(identity.clone())));
-        let dispatcher = Arc::new(Dispatcher::new(config.delivery.clone(), factory));
-        let control = Arc::new(ControlPlane::start(&config, dispatcher.clone(), identity).await?);
+        let spool = open_spool(&config)?;
+        let mut dispatcher = Dispatcher::new(config.delivery.clone(), factory);
+        if let Some(spool) = &spool {
+            dispatcher = dispatcher.with_queues(Arc::new(spool.clone()));
+        }
+        let dispatcher = Arc::new(dispatcher);
+        let control = match ControlPlane::start(&config, dispatcher.clone(), identity).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                if let Some(spool) = &spool {
+                    spool.close();
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(spool) = &spool {
+            for (endpoint, events) in spool.release_unclaimed() {
+                tracing::warn!(
+                    %endpoint, events,
+                    "endpoint no longer configured: its events left in the spool are dropped"
+                );
+            }
+        }
         let (stop_servers, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
         let mut sources = Vec::new();
@@ -249,6 +305,7 @@ impl Running {
             dispatcher,
             control,
             drain_deadline: config.delivery.shutdown_timeout(),
+            spool,
             stop_servers,
             servers,
             sources,
@@ -285,14 +342,22 @@ impl Running {
         for server in self.servers {
             let _ = server.await;
         }
+        let spooled = self.spool.is_some();
+        if let Some(spool) = &self.spool {
+            spool.close();
+        }
         if undelivered.is_empty() {
             tracing::info!("shutdown complete: every accepted event was delivered");
         } else {
             for (endpoint, n) in &undelivered {
-                tracing::error!(%endpoint, events = n, "shutdown deadline passed with events undelivered");
+                if spooled {
+                    tracing::warn!(%endpoint, events = n, "shutdown deadline passed: undelivered events stay in the spool for the next start");
+                } else {
+                    tracing::error!(%endpoint, events = n, "shutdown deadline passed with events undelivered (spool in memory: they are lost)");
+                }
             }
         }
-        ShutdownReport { undelivered, input }
+        ShutdownReport { undelivered, input, spooled }
     }
 
     /// `--input` mode from start to end: read everything, deliver it, stop.

@@ -15,6 +15,8 @@ use std::process::ExitCode;
 pub const EXIT_DATA: u8 = 65;
 /// Exit status when a listener cannot be bound (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// sysexits' EX_CANTCREAT: the spool's directory cannot be created, written or opened.
+pub const EXIT_CANTCREAT: u8 = 73;
 /// Exit status of `filter check` for an invalid filter.
 pub const EXIT_BAD_FILTER: u8 = 2;
 
@@ -372,6 +374,10 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
             Err(e @ StartError::Bind { .. }) => {
                 eprintln!("twinroute: {e}");
                 return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+            Err(StartError::Spool(e)) => {
+                eprintln!("twinroute: {e}");
+                return ExitCode::from(EXIT_CANTCREAT);
             }
         };
         if one_shot {

@@ -129,6 +129,46 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where accepted events wait for delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolMode {
+    /// In memory: fast, lost if the process dies.
+    Memory,
+    /// On disk, synced before ingest answers 202: survives a crash.
+    Disk,
+}
+
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// `[spool]` (or `spool = "memory" | "disk"`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SpoolConfig {
+    /// `None`: on disk when there is a state directory, in memory otherwise.
+    pub mode: Option<SpoolMode>,
+    /// The spool's directory; `<state_dir>/spool` by default.
+    pub path: Option<PathBuf>,
+    /// Most bytes of events held on disk; beyond it ingest answers 503.
+    pub max_bytes: u64,
+    /// How long the writer may wait to gather more submissions into one sync (0: sync whatever
+    /// is waiting as soon as the previous sync ends).
+    pub commit_interval_ms: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self { mode: None, path: None, max_bytes: DEFAULT_SPOOL_MAX_BYTES, commit_interval_ms: 0 }
+    }
+}
+
+/// The spool a configuration asks for, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpoolChoice {
+    Memory,
+    Disk { path: PathBuf, max_bytes: u64, commit_interval: Duration },
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
@@ -448,6 +488,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub delivery: DeliveryConfig,
+    pub spool: SpoolConfig,
     pub identity: IdentityConfig,
     pub standins: StandinsConfig,
     pub endpoints: BTreeMap<String, EndpointConfig>,
@@ -457,12 +498,30 @@ pub struct Config {
     pub origin: String,
 }
 
-const TOP_LEVEL_KEYS: [&str; 10] = [
+impl Config {
+    /// The spool to use: on disk by default when there is a state directory.
+    pub fn spool_choice(&self) -> SpoolChoice {
+        let dir = self.spool.path.clone().or_else(|| self.state_dir.as_ref().map(|d| d.join("spool")));
+        match (self.spool.mode, dir) {
+            (Some(SpoolMode::Memory), _) | (None, None) | (Some(SpoolMode::Disk), None) => {
+                SpoolChoice::Memory
+            }
+            (_, Some(path)) => SpoolChoice::Disk {
+                path,
+                max_bytes: self.spool.max_bytes,
+                commit_interval: Duration::from_millis(self.spool.commit_interval_ms),
+            },
+        }
+    }
+}
+
+const TOP_LEVEL_KEYS: [&str; 11] = [
     "state_dir",
     "ingest",
     "admin",
     "log",
     "delivery",
+    "spool",
     "identity",
     "standins",
     "endpoints",
@@ -580,6 +639,24 @@ impl Config {
         let admin: AdminConfig = section("admin", top.get("admin"), &mut problems);
         let log: LogConfig = section("log", top.get("log"), &mut problems);
         let delivery: DeliveryConfig = section("delivery", top.get("delivery"), &mut problems);
+        let spool: SpoolConfig = match top.get("spool") {
+            // The short form: `spool = "memory"`.
+            Some(serde_json::Value::String(mode)) => {
+                let mode =
+                    item::<SpoolMode>("spool", &serde_json::Value::String(mode.clone()), &mut problems);
+                SpoolConfig { mode, ..SpoolConfig::default() }
+            }
+            other => section("spool", other, &mut problems),
+        };
+        if spool.max_bytes == 0 {
+            problems.push("spool.max_bytes: must be positive".into());
+        }
+        if spool.mode == Some(SpoolMode::Disk) && spool.path.is_none() && state_dir.is_none() {
+            problems.push(
+                "spool.mode = \"disk\" needs a directory: set state_dir or spool.path (or use spool.mode = \"memory\")"
+                    .into(),
+            );
+        }
         let identity: IdentityConfig = section("identity", top.get("identity"), &mut problems);
         let standins: StandinsConfig = section("standins", top.get("standins"), &mut problems);
         for (key, listen) in
@@ -683,6 +760,7 @@ impl Config {
             admin,
             log,
             delivery,
+            spool,
             identity,
             standins,
             endpoints,
@@ -794,5 +872,44 @@ mod tests {
         assert_eq!(c.sources["demo"], SourceConfig::Sample { events_per_second: 5.0, twins: 5, limit: None });
         let err = load("[sources.x]\ntype='kafka'\n").unwrap_err();
         assert!(err.to_string().contains("sources.x"), "{err}");
+    }
+
+    #[test]
+    fn the_spool_is_on_disk_with_a_state_directory_and_in_memory_without() {
+        assert_eq!(load("").unwrap().spool_choice(), SpoolChoice::Memory);
+        let c = load("state_dir = '/var/lib/tr'\n").unwrap();
+        assert_eq!(
+            c.spool_choice(),
+            SpoolChoice::Disk {
+                path: PathBuf::from("/var/lib/tr/spool"),
+                max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+                commit_interval: Duration::ZERO
+            }
+        );
+        let c = load("state_dir = '/var/lib/tr'\nspool = 'memory'\n").unwrap();
+        assert_eq!(c.spool_choice(), SpoolChoice::Memory, "the short form");
+        let c =
+            load("[spool]\nmode = 'disk'\npath = '/data/spool'\nmax_bytes = 5000\ncommit_interval_ms = 2\n")
+                .unwrap();
+        assert_eq!(
+            c.spool_choice(),
+            SpoolChoice::Disk {
+                path: PathBuf::from("/data/spool"),
+                max_bytes: 5000,
+                commit_interval: Duration::from_millis(2)
+            }
+        );
+        let env = HashMap::from([("TWINROUTE_SPOOL__MODE".to_owned(), "memory".to_owned())]);
+        let c = Config::from_toml("state_dir = '/x'\n", "test", Some(env)).unwrap();
+        assert_eq!(c.spool_choice(), SpoolChoice::Memory, "environment override");
+        let err = load("[spool]\nmode = 'disk'\n").unwrap_err().to_string();
+        assert!(err.contains("set state_dir or spool.path"), "{err}");
+        let err = load("spool = 'tape'\n").unwrap_err().to_string();
+        assert!(err.contains("spool") && err.contains("tape"), "{err}");
+        let err = load("[spool]\nmax_bytes = 0\nsize = 1\n").unwrap_err().to_string();
+        assert!(
+            err.contains("spool.max_bytes: must be positive") && err.contains("spool.size: unknown key"),
+            "{err}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 pub mod deadletter;
 pub mod queue;
 pub mod retry;
+pub mod spool;
 mod worker;
 
 use crate::config::{DeliveryConfig, EndpointConfig};
@@ -32,7 +33,11 @@ pub struct Envelope {
     /// The same moment on the wall clock (UTC), for blob paths, TTLs and dead-letter metadata.
     pub accepted_at: time::OffsetDateTime,
     /// Its share of the queued-bytes budget, given back when the last endpoint is done with it.
+    /// `None` in memory for an event the durable spool keeps on disk only (accepted while the
+    /// budget was spent): endpoints read it from the spool when they get to it.
     budget: Option<BudgetShare>,
+    /// Its sequence number in the durable spool (0 when not spooled).
+    spool_seq: AtomicU64,
 }
 
 impl Envelope {
@@ -42,7 +47,23 @@ impl Envelope {
             received_at: tokio::time::Instant::now(),
             accepted_at: time::OffsetDateTime::now_utc(),
             budget: None,
+            spool_seq: AtomicU64::new(0),
         }
+    }
+
+    /// An event accepted earlier (`accepted_at`), read back from the spool: its age, for the
+    /// time-to-live and latency, counts from then.
+    pub(crate) fn restored(event: CloudEvent, accepted_at: time::OffsetDateTime, seq: u64) -> Self {
+        let age = (time::OffsetDateTime::now_utc() - accepted_at).max(time::Duration::ZERO);
+        let now = tokio::time::Instant::now();
+        let received_at =
+            std::time::Duration::try_from(age).ok().and_then(|age| now.checked_sub(age)).unwrap_or(now);
+        Self { event, received_at, accepted_at, budget: None, spool_seq: AtomicU64::new(seq) }
+    }
+
+    /// Whether the event is held in memory for its endpoints (else they read it from the spool).
+    fn in_memory(&self) -> bool {
+        self.budget.is_some()
     }
 }
 
@@ -182,6 +203,12 @@ pub enum Refusal {
         "{queued} bytes of events are waiting for delivery, the limit is {limit} (delivery.max_queued_bytes)"
     )]
     Bytes { queued: usize, limit: usize },
+    #[error(
+        "the spool holds {used} bytes of events waiting for delivery, the limit is {limit} (spool.max_bytes)"
+    )]
+    SpoolFull { used: u64, limit: u64 },
+    #[error("the events could not be stored: {0}")]
+    Storage(String),
     #[error("twinroute is shutting down and accepts no more events")]
     ShuttingDown,
 }
@@ -291,6 +318,8 @@ impl Dispatcher {
     ) -> (Arc<EndpointHandle>, Worker) {
         let (writer, reader) = self.queues.open(&config.name, self.config.queue_capacity);
         let stats = Arc::new(EndpointStats::named(&config.name));
+        // Events a durable queue kept from an earlier run count as queued for this endpoint.
+        stats.queued.store(reader.len() as u64, Ordering::Relaxed);
         let name = config.name.clone();
         let settings = self.config.with(config.spec.delivery.as_ref());
         let context = worker::WorkerContext {
@@ -316,21 +345,45 @@ impl Dispatcher {
     }
 
     /// Routes `events` and queues each on every endpoint it matched: all of them, or none
-    /// (when a queue is full, or at shutdown). `source` labels the metrics.
-    pub fn submit(&self, mut events: Vec<CloudEvent>, source: &'static str) -> Result<Accepted, Refusal> {
-        self.submit_from(&mut events, source)
+    /// (when a queue or the spool is full, or at shutdown). With a durable spool, returns once
+    /// the events are stored. `source` labels the metrics.
+    pub async fn submit(
+        &self,
+        mut events: Vec<CloudEvent>,
+        source: &'static str,
+    ) -> Result<Accepted, Refusal> {
+        self.submit_from(&mut events, source).await
     }
 
     /// [`Dispatcher::submit`] for callers that offer the same events again when refused (file
     /// sources waiting out backpressure): the events are taken from `events` only when accepted.
-    pub fn submit_from(
+    pub async fn submit_from(
         &self,
         events: &mut Vec<CloudEvent>,
         source: &'static str,
     ) -> Result<Accepted, Refusal> {
+        let (accepted, durability) = self.queue(events)?;
+        if let queue::Durability::Pending(stored) = durability {
+            let result = stored.await.unwrap_or_else(|_| Err("the spool stopped".to_owned()));
+            if let Err(e) = result {
+                metrics::counter!("twinroute_events_rejected_total", "reason" => "storage")
+                    .increment(accepted.events as u64);
+                return Err(Refusal::Storage(e));
+            }
+        }
+        metrics::counter!("twinroute_events_received_total", "source" => source)
+            .increment(accepted.events as u64);
+        metrics::counter!("twinroute_events_unmatched_total").increment(accepted.unmatched as u64);
+        Ok(accepted)
+    }
+
+    /// Routes and queues; the durable part, if any, is left to the caller to wait for.
+    fn queue(&self, events: &mut Vec<CloudEvent>) -> Result<(Accepted, queue::Durability), Refusal> {
+        let rejected = |reason: &'static str, n: usize| {
+            metrics::counter!("twinroute_events_rejected_total", "reason" => reason).increment(n as u64);
+        };
         if !self.open.load(Ordering::Acquire) {
-            metrics::counter!("twinroute_events_rejected_total", "reason" => "shutting_down")
-                .increment(events.len() as u64);
+            rejected("shutting_down", events.len());
             return Err(Refusal::ShuttingDown);
         }
         let snapshot = self.snapshot.load();
@@ -343,49 +396,68 @@ impl Dispatcher {
                 needed[i] += 1;
             }
         }
-        // The byte bound first: memory stays bounded whatever the queue lengths.
+        // The byte bound first: memory stays bounded whatever the queue lengths. A spilling
+        // (disk) backend accepts beyond it and keeps those events on disk only.
         let sizes: Vec<usize> =
             events.iter().zip(&sets).map(|(e, s)| if s.is_empty() { 0 } else { e.size_hint() }).collect();
         let bytes: usize = sizes.iter().sum();
         let queued = self.queued_bytes.load(Ordering::Acquire);
-        if bytes > 0 && queued + bytes > self.config.max_queued_bytes {
-            metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
-                .increment(events.len() as u64);
+        let over_budget = bytes > 0 && queued + bytes > self.config.max_queued_bytes;
+        if over_budget && !self.queues.spills() {
+            rejected("backpressure", events.len());
             return Err(Refusal::Bytes { queued, limit: self.config.max_queued_bytes });
-        }
-        // Reserve room in every queue first, so a batch is queued whole or not at all.
-        let mut permits = Vec::with_capacity(needed.len());
-        for (i, &n) in needed.iter().enumerate() {
-            if n == 0 {
-                permits.push(None);
-                continue;
-            }
-            match snapshot.targets[i].queue.reserve(n) {
-                Ok(p) => permits.push(Some(p)),
-                Err(queue::ReserveError::Full) => {
-                    metrics::counter!("twinroute_events_rejected_total", "reason" => "backpressure")
-                        .increment(events.len() as u64);
-                    return Err(Refusal::Full { endpoint: snapshot.targets[i].name().to_owned() });
-                }
-                Err(queue::ReserveError::Closed) => return Err(Refusal::ShuttingDown),
-            }
         }
         let mut accepted = Accepted { events: events.len(), unmatched: 0 };
         let histogram = metrics::histogram!("twinroute_routing_duration_seconds");
-        for ((event, set), bytes) in events.drain(..).zip(&sets).zip(sizes) {
+        let mut routed = Vec::with_capacity(events.len());
+        let mut unmatched = Vec::new();
+        let was_routed: Vec<bool> = sets.iter().map(|s| !s.is_empty()).collect();
+        for ((event, set), bytes) in std::mem::take(events).into_iter().zip(sets).zip(sizes) {
             histogram.record(per_event.as_secs_f64());
             if set.is_empty() {
                 accepted.unmatched += 1;
+                unmatched.push(event);
                 continue;
             }
-            self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
             let mut envelope = Envelope::new(event);
-            envelope.budget = Some(BudgetShare { budget: self.queued_bytes.clone(), bytes });
-            let envelope = Arc::new(envelope);
-            for i in set.iter() {
-                permits[i].as_mut().expect("room was reserved per routed event").push(envelope.clone());
+            if !over_budget {
+                self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+                envelope.budget = Some(BudgetShare { budget: self.queued_bytes.clone(), bytes });
             }
+            routed.push((Arc::new(envelope), set));
         }
+        let targets: Vec<&dyn queue::QueueWriter> = snapshot.targets.iter().map(|t| &*t.queue).collect();
+        let result =
+            self.queues.append(queue::Routed { targets: &targets, events: routed, per_target: &needed });
+        let durability = match result {
+            Ok(d) => d,
+            Err((refused, routed)) => {
+                // Nothing was queued: give the caller its events back, in their order (the
+                // envelopes are ours alone, and dropping them gives their budget back).
+                let mut routed = routed.into_iter().map(|(envelope, _)| {
+                    Arc::try_unwrap(envelope).map(|e| e.event).unwrap_or_else(|shared| shared.event.clone())
+                });
+                let mut unmatched = unmatched.into_iter();
+                events.extend(
+                    was_routed.iter().filter_map(|&r| if r { routed.next() } else { unmatched.next() }),
+                );
+                let refusal = match refused {
+                    queue::ReserveError::Full { target } => {
+                        Refusal::Full { endpoint: snapshot.targets[target].name().to_owned() }
+                    }
+                    queue::ReserveError::SpoolFull { used, limit } => Refusal::SpoolFull { used, limit },
+                    queue::ReserveError::Storage(e) => Refusal::Storage(e),
+                    queue::ReserveError::Closed => Refusal::ShuttingDown,
+                };
+                let reason = match refusal {
+                    Refusal::Storage(_) => "storage",
+                    Refusal::ShuttingDown => "shutting_down",
+                    _ => "backpressure",
+                };
+                rejected(reason, events.len());
+                return Err(refusal);
+            }
+        };
         for (i, &n) in needed.iter().enumerate() {
             if n > 0 {
                 let target = &snapshot.targets[i];
@@ -393,10 +465,7 @@ impl Dispatcher {
                 target.routed.increment(n as u64);
             }
         }
-        metrics::counter!("twinroute_events_received_total", "source" => source)
-            .increment(accepted.events as u64);
-        metrics::counter!("twinroute_events_unmatched_total").increment(accepted.unmatched as u64);
-        Ok(accepted)
+        Ok((accepted, durability))
     }
 
     /// Stops accepting events; queued ones are still delivered.

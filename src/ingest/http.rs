@@ -166,17 +166,22 @@ async fn post_events(State(state): State<IngestState>, headers: HeaderMap, body:
             return error(StatusCode::BAD_REQUEST, "InvalidEvents", message, Some(problems));
         }
     };
-    match state.dispatcher.submit(events, "http") {
+    match state.dispatcher.submit(events, "http").await {
         Ok(accepted) => (
             StatusCode::ACCEPTED,
             Json(AcceptedBody { accepted: accepted.events, unmatched: accepted.unmatched }),
         )
             .into_response(),
-        Err(refusal @ (Refusal::Full { .. } | Refusal::Bytes { .. })) => unavailable(
+        Err(refusal @ (Refusal::Full { .. } | Refusal::Bytes { .. } | Refusal::SpoolFull { .. })) => {
+            unavailable(
+                limits.retry_after_seconds,
+                format!("{refusal}; nothing of this request was accepted, retry after the delay"),
+            )
+        }
+        Err(refusal @ (Refusal::ShuttingDown | Refusal::Storage(_))) => unavailable(
             limits.retry_after_seconds,
-            format!("{refusal}; nothing of this request was accepted, retry after the delay"),
+            format!("{refusal}; nothing of this request was accepted"),
         ),
-        Err(refusal @ Refusal::ShuttingDown) => unavailable(limits.retry_after_seconds, refusal.to_string()),
     }
 }
 

@@ -88,14 +88,20 @@ pub async fn run<R: AsyncBufRead + Unpin>(
 async fn submit(dispatcher: &Dispatcher, pending: &mut Vec<CloudEvent>, report: &mut NdjsonReport) -> bool {
     loop {
         // The dispatcher takes the events only when it accepts them: refused ones stay to offer again.
-        match dispatcher.submit_from(pending, "ndjson") {
+        match dispatcher.submit_from(pending, "ndjson").await {
             Ok(accepted) => {
                 report.accepted += accepted.events as u64;
                 report.unmatched += accepted.unmatched as u64;
                 return true;
             }
-            Err(Refusal::Full { .. } | Refusal::Bytes { .. }) => tokio::time::sleep(FULL_WAIT).await,
+            Err(Refusal::Full { .. } | Refusal::Bytes { .. } | Refusal::SpoolFull { .. }) => {
+                tokio::time::sleep(FULL_WAIT).await
+            }
             Err(Refusal::ShuttingDown) => return false,
+            Err(refusal @ Refusal::Storage(_)) => {
+                tracing::error!(error = %refusal, "stopped reading events: they cannot be stored");
+                return false;
+            }
         }
     }
 }

@@ -141,11 +141,11 @@ pub async fn run(dispatcher: &Dispatcher, events_per_second: f64, twins: usize, 
     while limit.is_none_or(|l| sent < l) {
         ticker.tick().await;
         let event = generator.next_event();
-        match dispatcher.submit(vec![event], "sample") {
+        match dispatcher.submit(vec![event], "sample").await {
             Ok(_) => sent += 1,
             // A full queue just skips a sample: it is made up anyway, and counted as rejected.
-            Err(Refusal::Full { .. } | Refusal::Bytes { .. }) => {}
-            Err(Refusal::ShuttingDown) => return,
+            Err(Refusal::Full { .. } | Refusal::Bytes { .. } | Refusal::SpoolFull { .. }) => {}
+            Err(Refusal::ShuttingDown | Refusal::Storage(_)) => return,
         }
     }
 }

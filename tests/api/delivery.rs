@@ -64,7 +64,7 @@ async fn refused_n_times_then_accepted_follows_the_schedule_and_counts_duplicate
     let busy = || DeliveryOutcome::Transient { reason: "server busy".into(), after: None };
     sink.fail_next([busy(), busy(), busy()]);
     let started = Instant::now();
-    d.submit(vec![event(twin_create("room-1"))], "test").unwrap();
+    d.submit(vec![event(twin_create("room-1"))], "test").await.unwrap();
     sink.wait_for(1).await;
     // Retries after 10 s, 30 s and 60 s (Event Grid's schedule), then delivered.
     assert_eq!(started.elapsed().as_secs(), 100);
@@ -87,7 +87,7 @@ async fn server_hints_are_honoured() {
         after: Some(Duration::from_secs(42)),
     }]);
     let started = Instant::now();
-    d.submit(vec![event(twin_create("room-1"))], "test").unwrap();
+    d.submit(vec![event(twin_create("room-1"))], "test").await.unwrap();
     sink.wait_for(1).await;
     assert_eq!(started.elapsed().as_secs(), 42);
     d.shutdown(Duration::from_secs(5)).await;
@@ -103,7 +103,7 @@ async fn a_permanent_refusal_is_dead_lettered_at_once_with_metadata() {
     sinks.sink("grid-a").fail_with(Some(DeliveryOutcome::Permanent { reason: "400 bad event".into() }));
     let sent = twin_create("room-1");
     let id = sent["id"].as_str().unwrap().to_owned();
-    d.submit(vec![event(sent.clone())], "test").unwrap();
+    d.submit(vec![event(sent.clone())], "test").await.unwrap();
     let letters = sinks.dead_letters("grid-a");
     letters.wait_for(1).await;
     let letter = &letters.letters()[0];
@@ -145,7 +145,7 @@ async fn the_time_to_live_and_the_attempt_limit_end_retries() {
         sinks.sink(name).fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
     }
     let started = Instant::now();
-    d.submit(vec![event(telemetry("room-1", 1.0))], "test").unwrap();
+    d.submit(vec![event(telemetry("room-1", 1.0))], "test").await.unwrap();
     let max = sinks.dead_letters("grid-max");
     max.wait_for(1).await;
     assert_eq!(started.elapsed().as_secs(), 60, "attempts at 0, 30 and 60 s");
@@ -167,7 +167,7 @@ async fn the_time_to_live_and_the_attempt_limit_end_retries() {
 async fn without_a_dead_letter_store_expired_events_are_dropped_and_counted() {
     let (d, sinks) = dispatcher(&format!("{ONE_ENDPOINT}[delivery]\nmax_attempts = 2\njitter = 0.0\n")).await;
     sinks.sink("hub-a").fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
-    d.submit(vec![event(twin_create("a")), event(twin_create("b"))], "test").unwrap();
+    d.submit(vec![event(twin_create("a")), event(twin_create("b"))], "test").await.unwrap();
     let s = stats(&d, "hub-a");
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(s.dropped.load(Ordering::Relaxed), 2);
@@ -185,7 +185,7 @@ async fn a_failing_dead_letter_store_is_retried_until_it_takes_the_event() {
     sinks.sink("grid-a").fail_with(Some(DeliveryOutcome::Permanent { reason: "404".into() }));
     let letters = sinks.dead_letters("grid-a");
     letters.fail_with(Some(DeliveryOutcome::Transient { reason: "storage down".into(), after: None }));
-    d.submit(vec![event(twin_create("a"))], "test").unwrap();
+    d.submit(vec![event(twin_create("a"))], "test").await.unwrap();
     tokio::time::sleep(Duration::from_secs(120)).await;
     let s = stats(&d, "grid-a");
     assert_eq!(s.dead_lettered.load(Ordering::Relaxed), 0);
@@ -213,7 +213,7 @@ async fn one_endpoint_down_does_not_slow_another() {
         let started = std::time::Instant::now();
         for chunk in 0..20 {
             let batch = (0..100).map(|i| event(twin_create(&format!("t{chunk}-{i}")))).collect();
-            d.submit(batch, "test").unwrap();
+            d.submit(batch, "test").await.unwrap();
         }
         sinks.sink("up-b").wait_for(2000).await;
         timings.push(started.elapsed());
@@ -237,7 +237,7 @@ async fn the_queued_bytes_bound_pushes_back() {
     let mut accepted = 0;
     let mut refused = None;
     for i in 0..100 {
-        match d.submit(vec![event(twin_create(&format!("t{i}")))], "test") {
+        match d.submit(vec![event(twin_create(&format!("t{i}")))], "test").await {
             Ok(_) => accepted += 1,
             Err(e) => {
                 refused = Some(e);
@@ -311,7 +311,7 @@ async fn the_concurrency_limit_bounds_overlapping_deliveries() {
             .collect();
         d.apply(&config.endpoints, routes).await.unwrap();
         let started = Instant::now();
-        d.submit((0..8).map(|i| event(twin_create(&format!("t{i}")))).collect(), "test").unwrap();
+        d.submit((0..8).map(|i| event(twin_create(&format!("t{i}")))).collect(), "test").await.unwrap();
         assert!(d.shutdown(Duration::from_secs(60)).await.is_empty());
         assert_eq!(sink.delivered.load(Ordering::SeqCst), 8);
         assert_eq!(sink.most.load(Ordering::SeqCst), expected, "concurrency {concurrency}");
@@ -332,7 +332,7 @@ async fn a_partial_outcome_finishes_what_was_delivered_and_acts_on_the_rest() {
         rest: Box::new(DeliveryOutcome::Permanent { reason: "event over the size limit".into() }),
     }]);
     let events: Vec<serde_json::Value> = (0..3).map(|i| twin_create(&format!("t{i}"))).collect();
-    d.submit(events.iter().map(|e| event(e.clone())).collect(), "test").unwrap();
+    d.submit(events.iter().map(|e| event(e.clone())).collect(), "test").await.unwrap();
     let letters = sinks.dead_letters("grid-a");
     letters.wait_for(1).await;
     let dead: serde_json::Value = serde_json::from_slice(&letters.letters()[0].body).unwrap();

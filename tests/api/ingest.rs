@@ -175,34 +175,49 @@ async fn size_limits_are_413s() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted() {
-    let app =
-        spawn_app(&format!("{ALL_TO_A}[delivery]\nqueue_capacity = 2\nretry_schedule_seconds = [1]\n")).await;
-    let sink = app.sink("hub-a");
-    sink.fail_with(Some(DeliveryOutcome::Transient { reason: "down for the test".into(), after: None }));
-    let mut accepted = Vec::new();
-    let mut refused = 0;
-    // The worker holds what it took before the first failure (it then takes nothing new until
-    // the retry is due); the queue holds two more; the rest is refused.
-    for i in 0..10 {
-        let event = twin_create(&format!("t{i}"));
-        let response = app.post_event(&event).await;
-        match response.status().as_u16() {
-            202 => accepted.push(event["id"].as_str().unwrap().to_owned()),
-            503 => {
-                assert_eq!(response.headers()["retry-after"], "1");
-                refused += 1;
+    // In memory the queue's capacity is the bound; on disk events beyond it wait in the spool,
+    // and the spool's byte bound is what fills.
+    for (spool, expect) in [
+        ("[spool]\nmode = \"memory\"\n", "the queue of endpoint hub-a is full"),
+        ("[spool]\nmax_bytes = 3000\n", "spool.max_bytes"),
+    ] {
+        let app = spawn_app(&format!(
+            "{ALL_TO_A}{spool}[delivery]\nqueue_capacity = 2\nretry_schedule_seconds = [1]\n"
+        ))
+        .await;
+        let sink = app.sink("hub-a");
+        sink.fail_with(Some(DeliveryOutcome::Transient { reason: "down for the test".into(), after: None }));
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        // The worker holds what it took before the first failure (it then takes nothing new
+        // until the retry is due); the queue holds the rest up to its bound; then 503.
+        for i in 0..40 {
+            let event = twin_create(&format!("t{i}"));
+            let response = app.post_event(&event).await;
+            match response.status().as_u16() {
+                202 => accepted.push(event["id"].as_str().unwrap().to_owned()),
+                503 => {
+                    assert_eq!(response.headers()["retry-after"], "1");
+                    let body: serde_json::Value = response.json().await.unwrap();
+                    let message = body["error"]["message"].as_str().unwrap();
+                    assert!(message.contains(expect), "{spool}: {message}");
+                    refused += 1;
+                }
+                other => panic!("unexpected status {other}"),
             }
-            other => panic!("unexpected status {other}"),
         }
+        assert!(refused > 0, "{spool}: the queue never filled");
+        assert!(accepted.len() >= 2);
+        sink.fail_with(None);
+        sink.wait_for(accepted.len()).await;
+        let (_, sinks) = app.stop().await;
+        let delivered: Vec<String> =
+            sinks.sink("hub-a").delivered().iter().map(|e| e.event.id().to_owned()).collect();
+        assert_eq!(
+            delivered, accepted,
+            "{spool}: every accepted event delivered once, in order, nothing else"
+        );
     }
-    assert!(refused > 0, "the queue never filled");
-    assert!(accepted.len() >= 2);
-    sink.fail_with(None);
-    sink.wait_for(accepted.len()).await;
-    let (_, sinks) = app.stop().await;
-    let delivered: Vec<String> =
-        sinks.sink("hub-a").delivered().iter().map(|e| e.event.id().to_owned()).collect();
-    assert_eq!(delivered, accepted, "every accepted event delivered once, nothing else");
 }
 
 #[tokio::test]
