@@ -256,8 +256,14 @@ impl DiskSpool {
         let state = spool.recover().map_err(open_error)?;
         let shared = Arc::new(spool);
         let (sender, receiver) = mpsc::channel();
+        let pipeline = Arc::new(Pipeline {
+            written: Mutex::new(Written::default()),
+            ready: std::sync::Condvar::new(),
+            routed_below: AtomicU64::new(state.next_seq),
+        });
         let writer = Writer {
             shared: shared.clone(),
+            pipeline,
             next_seq: state.next_seq,
             deleted_below: state.first_seq,
             buckets: state.buckets,
@@ -344,6 +350,12 @@ impl DiskSpool {
     /// refused.
     pub fn close(&self) {
         self.handle.close();
+    }
+
+    /// Whether the storage engine has no background work under way (memtable flushes,
+    /// compactions): benchmarks wait for it so a mode's cost is not paid by the next one.
+    pub fn is_quiet(&self) -> bool {
+        self.shared.db.outstanding_flushes() == 0 && self.shared.db.active_compactions() == 0
     }
 
     /// Records stored now (a full count; for tests and the CLI).
@@ -750,9 +762,35 @@ impl DiskReader {
     }
 }
 
-/// The writer thread: commits, routes stored events to consumers, and keeps house.
+/// Groups written to the journal (in the operating system's hands, not yet synced), waiting for
+/// the syncer.
+#[derive(Default)]
+struct Written {
+    groups: VecDeque<WrittenGroup>,
+    /// The writer has stopped: the syncer finishes what is queued and stops too.
+    closed: bool,
+}
+
+struct WrittenGroup {
+    first_seq: u64,
+    appends: Vec<Append>,
+}
+
+/// Between the writer and the syncer.
+struct Pipeline {
+    written: Mutex<Written>,
+    ready: std::sync::Condvar,
+    /// Records below this were handed to their consumers (so a consumer with nothing pending is
+    /// at this position, never past a record it has not seen).
+    routed_below: AtomicU64,
+}
+
+/// The writer thread: writes each group of submissions to the journal as one batch and keeps
+/// house. A second thread (the syncer) makes the written groups durable, one sync covering
+/// every group written meanwhile, so writing the next group overlaps syncing the last.
 struct Writer {
     shared: Arc<Shared>,
+    pipeline: Arc<Pipeline>,
     next_seq: u64,
     /// Records below this are deleted.
     deleted_below: u64,
@@ -765,8 +803,21 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, commands: mpsc::Receiver<Command>) {
-        let commit_seconds = metrics::histogram!("twinroute_spool_commit_duration_seconds");
-        let commit_events = metrics::histogram!("twinroute_spool_commit_events");
+        let syncer = {
+            let shared = self.shared.clone();
+            let pipeline = self.pipeline.clone();
+            std::thread::Builder::new()
+                .name("twinroute-spool-sync".into())
+                .spawn(move || sync_loop(&shared, &pipeline))
+        };
+        let syncer = match syncer {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the spool's sync thread; refusing events");
+                self.shared.failed.store(true, Ordering::Release);
+                None
+            }
+        };
         loop {
             let first = match commands.recv_timeout(HOUSEKEEPING_INTERVAL) {
                 Ok(c) => c,
@@ -805,11 +856,11 @@ impl Writer {
                 };
             }
             if !group.is_empty() {
-                let began = Instant::now();
-                let events: usize = group.iter().map(|a| a.records.len()).sum();
-                self.commit(group);
-                commit_seconds.record(began.elapsed().as_secs_f64());
-                commit_events.record(events as f64);
+                self.write(group);
+            }
+            if !syncs.is_empty() {
+                // Everything written so far is routed before housekeeping looks at positions.
+                self.wait_until_routed();
             }
             if !syncs.is_empty() || self.last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
                 self.housekeeping();
@@ -818,11 +869,28 @@ impl Writer {
                 let _ = s.send(());
             }
         }
+        {
+            let mut written = lock(&self.pipeline.written);
+            written.closed = true;
+        }
+        self.pipeline.ready.notify_all();
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
+        }
         self.housekeeping();
         let _ = self.shared.db.persist(fjall::PersistMode::SyncAll);
     }
 
-    fn commit(&mut self, group: Vec<Append>) {
+    fn wait_until_routed(&self) {
+        while self.pipeline.routed_below.load(Ordering::Acquire) < self.next_seq
+            && !self.shared.failed.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Writes a group to the journal (not synced) and queues it for the syncer.
+    fn write(&mut self, group: Vec<Append>) {
         let shared = &self.shared;
         let first_seq = self.next_seq;
         let mut batch = shared.db.batch();
@@ -840,16 +908,12 @@ impl Writer {
         } else {
             batch
                 .commit()
-                .and_then(|()| shared.db.persist(fjall::PersistMode::SyncData))
+                .and_then(|()| shared.db.persist(fjall::PersistMode::Buffer))
                 .map_err(|e| describe(&e))
         };
-        shared.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if let Err(e) = result {
-            // A failed sync leaves the journal's state unknown: stop accepting (fsync failures
-            // cannot be retried safely); what was acknowledged before is still on disk.
-            if !shared.failed.swap(true, Ordering::AcqRel) {
-                tracing::error!(error = %e, path = %shared.path.display(), "writing the spool failed; refusing events from now on");
-            }
+            shared.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            fail(shared, &e);
             for append in group {
                 let _ = append.done.send(Err(e.clone()));
             }
@@ -857,29 +921,23 @@ impl Writer {
         }
         self.next_seq = seq;
         let mut seq = first_seq;
-        for append in group {
-            for ((envelope, consumers), record) in append.events.iter().zip(&append.records) {
-                envelope.spool_seq.store(seq, Ordering::Release);
-                *self.buckets.entry(seq / BUCKET).or_insert(0) += record.len() as u64;
-                shared.stored_bytes.fetch_add(record.len() as u64, Ordering::AcqRel);
-                for consumer in consumers {
-                    let mut st = lock(&consumer.state);
-                    st.last_routed = seq;
-                    st.waiting += 1;
-                    if st.disk_from.is_none() {
-                        if envelope.in_memory() && st.memory.len() < consumer.capacity {
-                            st.memory.push_back(envelope.clone());
-                        } else {
-                            st.disk_from = Some(seq);
-                        }
-                    }
-                    drop(st);
-                    consumer.notify.notify_one();
+        let mut bucket = (first_seq / BUCKET, 0u64);
+        for append in &group {
+            for record in &append.records {
+                if seq / BUCKET != bucket.0 {
+                    *self.buckets.entry(bucket.0).or_insert(0) += bucket.1;
+                    bucket = (seq / BUCKET, 0);
                 }
+                bucket.1 += record.len() as u64;
                 seq += 1;
             }
-            let _ = append.done.send(Ok(()));
         }
+        *self.buckets.entry(bucket.0).or_insert(0) += bucket.1;
+        // Counted as stored from now on (the reservation ends here).
+        shared.stored_bytes.fetch_add(bytes, Ordering::AcqRel);
+        shared.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        lock(&self.pipeline.written).groups.push_back(WrittenGroup { first_seq, appends: group });
+        self.pipeline.ready.notify_one();
     }
 
     /// Saves each consumer's position, forgets finished consumers and deletes the records every
@@ -888,11 +946,13 @@ impl Writer {
         self.last_housekeeping = Instant::now();
         let shared = &self.shared;
         let mut batch = shared.db.batch();
-        let mut low = self.next_seq;
+        // Records not yet handed to consumers are waited for by whoever they go to.
+        let routed_below = self.pipeline.routed_below.load(Ordering::Acquire);
+        let mut low = routed_below;
         let mut consumers = lock(&shared.consumers);
         consumers.retain(|c| {
             let mut st = lock(&c.state);
-            let position = st.position().unwrap_or(self.next_seq);
+            let position = st.position().unwrap_or(routed_below);
             if st.claimed && st.finished() {
                 for id in &c.ids {
                     batch.remove(&shared.meta, format!("{META_CONSUMER}{id}"));
@@ -939,6 +999,117 @@ impl Writer {
         metrics::gauge!("twinroute_spool_events")
             .set(self.next_seq.saturating_sub(self.deleted_below) as f64);
     }
+}
+
+/// Marks the spool failed (once): after a failed write or sync the journal's state is unknown,
+/// so nothing more is accepted; what was acknowledged before is on disk.
+fn fail(shared: &Shared, error: &str) {
+    if !shared.failed.swap(true, Ordering::AcqRel) {
+        tracing::error!(error, path = %shared.path.display(), "writing the spool failed; refusing events from now on");
+    }
+}
+
+/// The syncer thread: makes written groups durable (one sync for all waiting), then
+/// acknowledges them and hands their events to the consumers.
+fn sync_loop(shared: &Shared, pipeline: &Pipeline) {
+    let sync_seconds = metrics::histogram!("twinroute_spool_sync_duration_seconds");
+    let sync_events = metrics::histogram!("twinroute_spool_sync_events");
+    let mut journal: Option<(u64, std::fs::File)> = None;
+    loop {
+        let groups: Vec<WrittenGroup> = {
+            let mut written = lock(&pipeline.written);
+            while written.groups.is_empty() && !written.closed {
+                written = pipeline.ready.wait(written).unwrap_or_else(|e| e.into_inner());
+            }
+            if written.groups.is_empty() {
+                return;
+            }
+            written.groups.drain(..).collect()
+        };
+        let began = Instant::now();
+        let result = if shared.failed.load(Ordering::Acquire) {
+            Err("an earlier write to the spool failed".to_owned())
+        } else {
+            sync_journal(&shared.path, &mut journal)
+        };
+        sync_seconds.record(began.elapsed().as_secs_f64());
+        sync_events
+            .record(groups.iter().flat_map(|g| &g.appends).map(|a| a.records.len()).sum::<usize>() as f64);
+        if let Err(e) = result {
+            fail(shared, &e);
+            for append in groups.into_iter().flat_map(|g| g.appends) {
+                let _ = append.done.send(Err(e.clone()));
+            }
+            continue;
+        }
+        let mut end = 0;
+        for group in groups {
+            end = route(group);
+        }
+        pipeline.routed_below.store(end, Ordering::Release);
+    }
+}
+
+/// Syncs what was written to the journal. fjall writes its journal to `<id>.jnl` files in the
+/// spool directory, the newest being the active one, and syncs a journal in full before it
+/// starts the next; so syncing the newest file after a write covers that write, whichever
+/// file it went to. Syncing through our own descriptor (rather than `Database::persist`, which
+/// holds the journal's lock while it syncs) lets the writer go on writing meanwhile.
+fn sync_journal(dir: &Path, journal: &mut Option<(u64, std::fs::File)>) -> Result<(), String> {
+    let newest = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            name.to_str()?.strip_suffix(".jnl")?.parse::<u64>().ok()
+        })
+        .max()
+        .ok_or_else(|| format!("no journal file in {}", dir.display()))?;
+    if journal.as_ref().is_none_or(|(id, _)| *id != newest) {
+        let file = std::fs::File::open(dir.join(format!("{newest}.jnl"))).map_err(|e| e.to_string())?;
+        *journal = Some((newest, file));
+    }
+    let (_, file) = journal.as_ref().expect("opened above");
+    file.sync_data().map_err(|e| e.to_string())
+}
+
+/// Acknowledges a durable group and hands its events to their consumers (each consumer locked
+/// and woken once). Returns the sequence number after the group's last.
+fn route(group: WrittenGroup) -> u64 {
+    /// A consumer and the (sequence number, event) pairs for it.
+    type ForConsumer = (Arc<Consumer>, Vec<(u64, Arc<Envelope>)>);
+    let mut routed: Vec<ForConsumer> = Vec::new();
+    let mut seq = group.first_seq;
+    for append in group.appends {
+        for (envelope, consumers) in append.events {
+            envelope.spool_seq.store(seq, Ordering::Release);
+            for consumer in consumers {
+                match routed.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &consumer)) {
+                    Some((_, events)) => events.push((seq, envelope.clone())),
+                    None => routed.push((consumer, vec![(seq, envelope.clone())])),
+                }
+            }
+            seq += 1;
+        }
+        let _ = append.done.send(Ok(()));
+    }
+    for (consumer, events) in routed {
+        let mut st = lock(&consumer.state);
+        for (seq, envelope) in events {
+            st.last_routed = seq;
+            st.waiting += 1;
+            if st.disk_from.is_none() {
+                if envelope.in_memory() && st.memory.len() < consumer.capacity {
+                    st.memory.push_back(envelope);
+                } else {
+                    st.disk_from = Some(seq);
+                }
+            }
+        }
+        drop(st);
+        consumer.notify.notify_one();
+    }
+    seq
 }
 
 #[cfg(test)]
