@@ -4,6 +4,7 @@ mod admin;
 mod amqp;
 mod blob;
 mod cli;
+mod crash;
 mod deadletter;
 mod delivery;
 mod event_grid;
