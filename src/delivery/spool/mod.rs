@@ -1073,14 +1073,16 @@ fn sync_journal(dir: &Path, journal: &mut Option<(u64, std::fs::File)>) -> Resul
     file.sync_data().map_err(|e| e.to_string())
 }
 
-/// Acknowledges a durable group and hands its events to their consumers (each consumer locked
-/// and woken once). Returns the sequence number after the group's last.
+/// Hands a durable group's events to their consumers (each consumer locked and woken once),
+/// then acknowledges it. Returns the sequence number after the group's last.
 fn route(group: WrittenGroup) -> u64 {
     /// A consumer and the (sequence number, event) pairs for it.
     type ForConsumer = (Arc<Consumer>, Vec<(u64, Arc<Envelope>)>);
     let mut routed: Vec<ForConsumer> = Vec::new();
     let mut seq = group.first_seq;
+    let mut acks = Vec::with_capacity(group.appends.len());
     for append in group.appends {
+        acks.push(append.done);
         for (envelope, consumers) in append.events {
             envelope.spool_seq.store(seq, Ordering::Release);
             for consumer in consumers {
@@ -1091,7 +1093,6 @@ fn route(group: WrittenGroup) -> u64 {
             }
             seq += 1;
         }
-        let _ = append.done.send(Ok(()));
     }
     for (consumer, events) in routed {
         let mut st = lock(&consumer.state);
@@ -1108,6 +1109,10 @@ fn route(group: WrittenGroup) -> u64 {
         }
         drop(st);
         consumer.notify.notify_one();
+    }
+    // Acknowledged once queued, so a 202 means the events are in their endpoints' queues too.
+    for ack in acks {
+        let _ = ack.send(Ok(()));
     }
     seq
 }
