@@ -250,10 +250,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .map(|(endpoint, reason)| serde_json::json!({"endpoint": endpoint, "reason": reason}))
         .collect();
     let open = state.dispatcher.is_open();
-    let ready = open && missing.is_empty();
+    let storage = state.dispatcher.storage_failure();
+    let ready = open && missing.is_empty() && storage.is_none();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let label = if !open {
         "shutting down"
+    } else if let Some(reason) = &storage {
+        reason.as_str()
     } else if !missing.is_empty() {
         "waiting for identity tokens"
     } else {

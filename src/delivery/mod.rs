@@ -511,6 +511,11 @@ impl Dispatcher {
         self
     }
 
+    /// Why accepted events can no longer be stored (the disk spool failed), if so.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.queues.failure()
+    }
+
     /// Bytes of accepted events held for delivery now (the backpressure gauge).
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Acquire)

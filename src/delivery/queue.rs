@@ -84,6 +84,10 @@ pub trait QueueBackend: Send + Sync + 'static {
     fn spills(&self) -> bool {
         false
     }
+    /// Why the backend refuses events (a failed disk), if it does.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Bounded in-memory queues (tokio channels).

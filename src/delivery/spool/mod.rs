@@ -620,6 +620,15 @@ impl QueueBackend for DiskSpool {
     fn spills(&self) -> bool {
         true
     }
+
+    fn failure(&self) -> Option<String> {
+        self.shared.failed.load(Ordering::Acquire).then(|| {
+            format!(
+                "a write to the spool at {} failed; restart twinroute once the disk is sound",
+                self.shared.path.display()
+            )
+        })
+    }
 }
 
 /// The dispatcher's handle on a consumer.

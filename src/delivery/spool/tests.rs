@@ -265,3 +265,16 @@ async fn a_replaced_endpoint_drains_its_own_events_and_the_new_one_takes_the_res
     assert_eq!(old_r.recv_many(&mut buffer, 10).await, 0, "the old consumer ends once drained");
     assert_eq!(ids(&take(&mut new_r, 10).await), ["new"]);
 }
+
+#[tokio::test]
+async fn after_a_failed_write_the_spool_refuses_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = DiskSpool::open(&options(dir.path())).unwrap();
+    let (w, _r) = spool.open("a", 100);
+    assert_eq!(spool.failure(), None);
+    // What a failed sync does (a real one needs a failing disk).
+    fail(&spool.shared, "I/O error");
+    let refusal = append(&spool, &[&*w], &[("1", &[0])]).await.unwrap_err();
+    assert!(matches!(refusal, ReserveError::Storage(_)), "{refusal:?}");
+    assert!(spool.failure().is_some_and(|f| f.contains("restart twinroute")));
+}
