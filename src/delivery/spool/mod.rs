@@ -6,8 +6,9 @@
 //!   (consumers) it goes to. Each consumer keeps its own position; a record is deleted once every
 //!   consumer has passed it.
 //! - **Group commit.** Submissions are encoded by the caller and handed to one writer thread,
-//!   which writes everything waiting as one batch and makes it durable with one sync; ingest
-//!   answers 202 only after that sync. Under load many requests share a sync.
+//!   which writes everything waiting to the journal as one batch; a second thread syncs, one
+//!   sync covering every batch written meanwhile, while the writer goes on writing. Ingest
+//!   answers 202 only after the sync. Under load many requests share a sync.
 //! - **Memory first, disk when behind.** Once stored, an event goes straight to each endpoint's
 //!   in-memory queue if it has room; an endpoint that falls behind (or every endpoint, after a
 //!   restart) reads its events back from disk in order until it has caught up.
