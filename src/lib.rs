@@ -29,6 +29,7 @@ pub mod event;
 pub mod filter;
 pub mod identity;
 pub mod ingest;
+pub mod loadtest;
 pub mod routing;
 pub mod sinks;
 pub mod telemetry;

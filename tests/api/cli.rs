@@ -285,3 +285,57 @@ fn the_example_configurations_are_valid() {
     // The embedded demo is valid too.
     assert_eq!(twinroute().arg("check-config").output().unwrap().status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_drives_ingest_at_the_requested_rate_and_reports_it() {
+    let app = crate::helpers::spawn_app("[routes.all]\nendpoint_name = \"hub-a\"\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("report.json");
+    let mut command = twinroute();
+    command
+        .args(["loadtest", "--target", &app.ingest, "--rate", "400", "--duration", "1s", "--batch", "10"])
+        .args(["--connections", "2", "--payload-bytes", "1024", "--json"])
+        .arg(&report_path);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("p99"), "the summary table: {stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let accepted = report["events_accepted"].as_u64().unwrap();
+    // Open loop at 400 events/s for 1 s: 40 requests of 10 (the schedule, not the server, sets it).
+    assert_eq!(report["events_sent"], 400, "{report}");
+    assert_eq!(accepted, 400, "{report}");
+    assert_eq!(report["errors"], 0);
+    let l = &report["latency_us"];
+    let (p50, p99, max) =
+        (l["p50"].as_u64().unwrap(), l["p99"].as_u64().unwrap(), l["max"].as_u64().unwrap());
+    assert!(0 < p50 && p50 <= p99 && p99 <= max, "{l}");
+    // What was acknowledged reached the endpoint.
+    app.sink("hub-a").wait_for(accepted as usize).await;
+    app.stop().await;
+}
+
+#[test]
+fn loadtest_refuses_bad_values_and_reports_an_unreachable_target() {
+    let out = twinroute().args(["loadtest", "--rate", "fast"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rate"));
+    let out = twinroute().args(["loadtest", "--duration", "5h"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    let port = free_port();
+    let out = twinroute()
+        .args([
+            "loadtest",
+            "--target",
+            &format!("http://127.0.0.1:{port}"),
+            "--rate",
+            "100",
+            "--duration",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "requests failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("request failed"), "{stderr}");
+}
