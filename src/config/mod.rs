@@ -140,6 +140,8 @@ pub enum SpoolMode {
 }
 
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1024 * 1024 * 1024;
+/// Under load, how long the spool's writer gathers requests into one write and sync.
+pub const DEFAULT_SPOOL_COMMIT_INTERVAL_MS: u64 = 3;
 
 /// `[spool]` (or `spool = "memory" | "disk"`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -151,14 +153,19 @@ pub struct SpoolConfig {
     pub path: Option<PathBuf>,
     /// Most bytes of events held on disk; beyond it ingest answers 503.
     pub max_bytes: u64,
-    /// How long the writer may wait to gather more submissions into one sync (0: sync whatever
-    /// is waiting as soon as the previous sync ends).
+    /// Under load (requests queueing), how long the writer may wait to gather more submissions
+    /// into one write and sync (0: never wait). A request arriving alone is written at once.
     pub commit_interval_ms: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        Self { mode: None, path: None, max_bytes: DEFAULT_SPOOL_MAX_BYTES, commit_interval_ms: 0 }
+        Self {
+            mode: None,
+            path: None,
+            max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            commit_interval_ms: DEFAULT_SPOOL_COMMIT_INTERVAL_MS,
+        }
     }
 }
 
@@ -883,7 +890,7 @@ mod tests {
             SpoolChoice::Disk {
                 path: PathBuf::from("/var/lib/tr/spool"),
                 max_bytes: DEFAULT_SPOOL_MAX_BYTES,
-                commit_interval: Duration::ZERO
+                commit_interval: Duration::from_millis(DEFAULT_SPOOL_COMMIT_INTERVAL_MS)
             }
         );
         let c = load("state_dir = '/var/lib/tr'\nspool = 'memory'\n").unwrap();

@@ -828,6 +828,8 @@ impl Writer {
                 None
             }
         };
+        // Submissions in the last group written: more than one means requests are queueing.
+        let mut last_group = 0;
         loop {
             let first = match commands.recv_timeout(HOUSEKEEPING_INTERVAL) {
                 Ok(c) => c,
@@ -837,6 +839,7 @@ impl Writer {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            let busy = last_group > 1;
             let mut group = Vec::new();
             let mut syncs = Vec::new();
             let mut bytes = 0;
@@ -856,7 +859,9 @@ impl Writer {
                 }
                 next = match commands.try_recv() {
                     Ok(c) => Some(c),
-                    Err(_) if started.elapsed() < self.commit_interval => {
+                    // Under load (the last group had company), wait a little for more: fewer,
+                    // larger writes and syncs. A lone request is written at once.
+                    Err(_) if busy && started.elapsed() < self.commit_interval => {
                         match commands.recv_timeout(self.commit_interval - started.elapsed()) {
                             Ok(c) => Some(c),
                             Err(_) => break,
@@ -865,6 +870,7 @@ impl Writer {
                     Err(_) => break,
                 };
             }
+            last_group = group.len();
             if !group.is_empty() {
                 self.write(group);
             }

@@ -47,7 +47,14 @@ impl Sink for FileSink {
     async fn flush(&self) -> std::io::Result<()> {
         let mut file = self.file.lock().await;
         file.flush().await?;
-        file.sync_data().await
+        match file.sync_data().await {
+            // Devices, pipes and FIFOs (`/dev/null`, `/dev/stdout`) cannot be synced: nothing
+            // to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput && !file.metadata().await?.is_file() => {
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
@@ -79,5 +86,13 @@ mod tests {
         assert!(lines
             .iter()
             .all(|l| *l == r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}}"#));
+    }
+
+    #[tokio::test]
+    async fn a_device_that_cannot_be_synced_closes_cleanly() {
+        let sink = FileSink::open(Path::new("/dev/null")).await.unwrap();
+        let event = parse_structured(br#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#).unwrap();
+        assert_eq!(sink.deliver(&[Arc::new(Envelope::new(event))]).await, DeliveryOutcome::Delivered);
+        sink.flush().await.expect("closing on /dev/null is not an error");
     }
 }
