@@ -272,9 +272,16 @@ impl DiskSpool {
             last_housekeeping: Instant::now(),
             saved_next_seq: 0,
         };
+        let watched = shared.clone();
         let handle = std::thread::Builder::new()
             .name("twinroute-spool".into())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || {
+                // A bug here must not leave requests waiting for a writer that is gone: the
+                // spool then refuses everything, and says so.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(receiver))).is_err() {
+                    fail(&watched, "the spool's writer thread failed (a bug; see the log above)");
+                }
+            })
             .map_err(|source| SpoolError::Directory { path: path.clone(), source })?;
         let handle = Handle { commands: Mutex::new(Some(sender)), writer: Mutex::new(Some(handle)) };
         Ok(Self { handle: Arc::new(handle), shared })
@@ -862,7 +869,9 @@ impl Writer {
                     // Under load (the last group had company), wait a little for more: fewer,
                     // larger writes and syncs. A lone request is written at once.
                     Err(_) if busy && started.elapsed() < self.commit_interval => {
-                        match commands.recv_timeout(self.commit_interval - started.elapsed()) {
+                        // Computed once: the clock moves on between two readings.
+                        let left = self.commit_interval.saturating_sub(started.elapsed());
+                        match commands.recv_timeout(left) {
                             Ok(c) => Some(c),
                             Err(_) => break,
                         }

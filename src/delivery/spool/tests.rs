@@ -278,3 +278,32 @@ async fn after_a_failed_write_the_spool_refuses_and_says_why() {
     assert!(matches!(refusal, ReserveError::Storage(_)), "{refusal:?}");
     assert!(spool.failure().is_some_and(|f| f.contains("restart twinroute")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_requests_are_gathered_into_shared_writes_and_all_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool =
+        DiskSpool::open(&SpoolOptions { commit_interval: Duration::from_millis(2), ..options(dir.path()) })
+            .unwrap();
+    let (w, mut r) = spool.open("a", 10_000);
+    let w: Arc<dyn QueueWriter> = Arc::from(w);
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (spool, w) = (spool.clone(), w.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let id = format!("{t}-{i}");
+                append(&spool, &[&*w], &[(id.as_str(), &[0])]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 400 {
+        got.extend(take(&mut r, 1000).await);
+    }
+    let unique: std::collections::HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(unique.len(), 400, "every acknowledged event, once");
+}
