@@ -222,12 +222,9 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
         seed: args.seed,
         payload_bytes: args.payload_bytes,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime(true) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("twinroute: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(crate::loadtest::run(&options, |elapsed, accepted| {
         eprintln!("  {:>5.1} s  {accepted} events accepted", elapsed.as_secs_f64());
@@ -247,6 +244,20 @@ fn loadtest(args: LoadtestArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// The async runtime a command runs on (several threads for the daemon and loads, one for
+/// one-off requests), or the exit status after saying why there is none.
+pub(crate) fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("twinroute: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
@@ -377,12 +388,9 @@ fn get_token(
     if let Some(endpoint) = imds_endpoint {
         identity.imds_endpoint = endpoint;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match runtime(false) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("twinroute: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let provider = IdentityProvider::new(&identity, None);
@@ -440,12 +448,9 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         Err(code) => return code,
     };
     crate::telemetry::init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime(true) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("twinroute: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         // Install the recorder before anything records.

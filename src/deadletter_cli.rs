@@ -167,12 +167,9 @@ pub fn main(command: DeadletterCommand) -> ExitCode {
     let mut log = config.log.clone();
     log.level = "warn".into();
     crate::telemetry::init_logging(&log);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match crate::cli::runtime(false) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("twinroute: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let identity = Arc::new(IdentityProvider::new(&config.identity, None));

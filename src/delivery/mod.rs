@@ -410,13 +410,15 @@ impl Dispatcher {
         let mut accepted = Accepted { events: events.len(), unmatched: 0 };
         let histogram = metrics::histogram!("twinroute_routing_duration_seconds");
         let mut routed = Vec::with_capacity(events.len());
+        // Events that matched no route, with their places (kept only to give a refused
+        // submission back in its order; usually none, so no allocation).
         let mut unmatched = Vec::new();
-        let was_routed: Vec<bool> = sets.iter().map(|s| !s.is_empty()).collect();
-        for ((event, set), bytes) in std::mem::take(events).into_iter().zip(sets).zip(sizes) {
+        for (i, ((event, set), bytes)) in std::mem::take(events).into_iter().zip(sets).zip(sizes).enumerate()
+        {
             histogram.record(per_event.as_secs_f64());
             if set.is_empty() {
                 accepted.unmatched += 1;
-                unmatched.push(event);
+                unmatched.push((i, event));
                 continue;
             }
             let mut envelope = Envelope::new(event);
@@ -434,13 +436,13 @@ impl Dispatcher {
             Err((refused, routed)) => {
                 // Nothing was queued: give the caller its events back, in their order (the
                 // envelopes are ours alone, and dropping them gives their budget back).
-                let mut routed = routed.into_iter().map(|(envelope, _)| {
+                events.extend(routed.into_iter().map(|(envelope, _)| {
                     Arc::try_unwrap(envelope).map(|e| e.event).unwrap_or_else(|shared| shared.event.clone())
-                });
-                let mut unmatched = unmatched.into_iter();
-                events.extend(
-                    was_routed.iter().filter_map(|&r| if r { routed.next() } else { unmatched.next() }),
-                );
+                }));
+                // In ascending order of place, so each lands where it was.
+                for (i, event) in unmatched {
+                    events.insert(i, event);
+                }
                 let refusal = match refused {
                     queue::ReserveError::Full { target } => {
                         Refusal::Full { endpoint: snapshot.targets[target].name().to_owned() }

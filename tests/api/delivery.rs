@@ -343,3 +343,26 @@ async fn a_partial_outcome_finishes_what_was_delivered_and_acts_on_the_rest() {
     assert_accounted(&stats(&d, "grid-a"), 3);
     d.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn a_refused_submission_gives_every_event_back_in_its_order() {
+    let (d, factory) = dispatcher(
+        "[endpoints.hub-a]\ntype = \"Stdout\"\n[routes.hot]\nendpoint_name = \"hub-a\"\nfilter = \"type = 'hot'\"\n\
+         [delivery]\nqueue_capacity = 1\n",
+    )
+    .await;
+    factory.sink("hub-a").fail_with(Some(DeliveryOutcome::Transient { reason: "down".into(), after: None }));
+    let e = |id: &str, ty: &str| {
+        event(serde_json::json!({"specversion": "1.0", "id": id, "source": "s", "type": ty}))
+    };
+    // Fill the queue (and the worker), then offer a mix of matched and unmatched events.
+    let mut filled = 0;
+    while d.submit(vec![e(&format!("f{filled}"), "hot")], "test").await.is_ok() {
+        filled += 1;
+        assert!(filled < 100, "the queue never filled");
+    }
+    let mut events = vec![e("a", "cold"), e("b", "hot"), e("c", "cold"), e("d", "hot"), e("z", "cold")];
+    assert!(d.submit_from(&mut events, "test").await.is_err());
+    let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d", "z"]);
+}
