@@ -6,6 +6,11 @@
 //! latency counts from when it was *due*, not from when it went out, so a stalled server shows
 //! up as latency instead of silently lowering the send rate (no coordinated omission).
 
+pub mod chart;
+pub mod command;
+pub mod procstat;
+pub mod progress;
+
 use crate::ingest::sample::SampleGenerator;
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -41,6 +46,24 @@ pub struct Percentiles {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
+}
+
+/// One interval (about a second) of a run, for the chart and the JSON report's timeline.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Sample {
+    /// Seconds from the start of the run to the end of this interval.
+    pub t: f64,
+    /// Events accepted (202) per second in this interval.
+    pub accepted_per_second: f64,
+    /// Events received at the stand-ins per second in this interval (end-to-end runs only).
+    pub received_per_second: Option<f64>,
+    /// Latency in this interval, microseconds: end to end when measured, else the 202's.
+    pub p50_us: u64,
+    pub p99_us: u64,
+    /// The daemon's CPU use in this interval, in cores (1.0 = one core busy), when measured.
+    pub cpu_cores: Option<f64>,
+    /// The daemon's resident set at the end of this interval, bytes, when measured.
+    pub rss_bytes: Option<u64>,
 }
 
 /// What a run measured.
