@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub sinks: Option<Arc<dyn SinkFactory>>,
     /// Replaces HTTP for IMDS requests (tests that drive time themselves).
     pub imds_transport: Option<Arc<dyn ImdsTransport>>,
+    /// Embedded in another command (`loadtest --endpoints`): no listeners and no sources; the
+    /// caller submits to [`Running::dispatcher`] itself.
+    pub embedded: bool,
 }
 
 /// What a stop found.
@@ -253,7 +256,7 @@ impl Running {
                     ingest::ndjson::run(tokio::io::BufReader::new(file), &path, &dispatcher, max).await
                 }
             }));
-        } else {
+        } else if !options.embedded {
             let ingest_listener = bind(&config.ingest.listen, "ingest", "ingest.listen").await?;
             let admin_listener = bind(&config.admin.listen, "admin API", "admin.listen").await?;
             ingest_addr = ingest_listener.local_addr().ok();

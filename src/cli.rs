@@ -71,8 +71,10 @@ pub enum Command {
         #[command(subcommand)]
         command: DeadletterCommand,
     },
-    /// Load a daemon's ingest with a reproducible ADT event stream and report throughput and
-    /// latency (exit status 1 when any request failed).
+    /// Load a daemon's ingest (or a configuration's endpoints) with a reproducible ADT event
+    /// stream and report throughput and latency; --compare measures twinroute against the SDK
+    /// straight to a stand-in.
+    #[command(after_help = crate::loadtest::command::EXIT_STATUS_HELP)]
     Loadtest(crate::loadtest::command::LoadtestArgs),
 }
 
@@ -371,6 +373,9 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         Err(code) => return code,
     };
     crate::telemetry::init_logging(&config.log);
+    // Under systemd (`Type=notify`): READY=1, watchdog keep-alives, STOPPING=1, STATUS= lines.
+    // Without NOTIFY_SOCKET it sends nothing.
+    let notifier = std::sync::Arc::new(crate::systemd::Notifier::from_env());
     let runtime = match runtime(true) {
         Ok(r) => r,
         Err(code) => return code,
@@ -379,19 +384,18 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         // Install the recorder before anything records.
         crate::telemetry::prometheus();
         let one_shot = input.is_some();
+        // The stop may take this long; systemd is told so when it begins (plus closing time).
+        let drain_deadline = config.delivery.shutdown_timeout();
         let running = match Running::start(config, RunOptions { input, ..Default::default() }).await {
             Ok(r) => r,
-            Err(StartError::Config(e)) => {
+            Err(e) => {
+                notifier.status(&format!("failed to start: {e}"));
                 eprintln!("twinroute: {e}");
-                return ExitCode::from(EXIT_CONFIG as u8);
-            }
-            Err(e @ StartError::Bind { .. }) => {
-                eprintln!("twinroute: {e}");
-                return ExitCode::from(EXIT_UNAVAILABLE);
-            }
-            Err(StartError::Spool(e)) => {
-                eprintln!("twinroute: {e}");
-                return ExitCode::from(EXIT_CANTCREAT);
+                return ExitCode::from(match e {
+                    StartError::Config(_) => EXIT_CONFIG as u8,
+                    StartError::Bind { .. } => EXIT_UNAVAILABLE,
+                    StartError::Spool(_) => EXIT_CANTCREAT,
+                });
             }
         };
         if one_shot {
@@ -423,15 +427,40 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
                 }
             };
         }
-        shutdown_signal().await;
-        let report = running.stop().await;
-        if report.undelivered.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            // The drain deadline passed: what was left is logged per endpoint. A deliberate
-            // stop still exits 0 so supervisors do not treat it as a crash.
-            ExitCode::SUCCESS
+        // Catch SIGINT/SIGTERM from here on (the first poll installs the handlers): once READY=1
+        // is sent, systemd may stop the service at any moment, and an uncaught SIGTERM would
+        // kill the process without a drain.
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        let signalled = futures::poll!(&mut shutdown).is_ready();
+        // Start-up is done: the configuration is loaded and the listeners are bound.
+        let listening = format!(
+            "ingest {}, admin {}",
+            running.ingest_addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            running.admin_addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
+        );
+        notifier.ready(&format!("ready: {listening}"));
+        let keep_alive = tokio::spawn(notifier.clone().keep_alive(running.dispatcher.clone(), listening));
+        if !signalled {
+            shutdown.await;
         }
+        notifier.stopping(
+            &format!("stopping: intake closed, draining queues (deadline {}s)", drain_deadline.as_secs()),
+            drain_deadline + crate::systemd::STOP_MARGIN,
+        );
+        let report = running.stop().await;
+        keep_alive.abort();
+        let undelivered: u64 = report.undelivered.iter().map(|(_, n)| n).sum();
+        if report.undelivered.is_empty() {
+            notifier.status("stopped: every accepted event was delivered");
+        } else if report.spooled {
+            notifier.status(&format!("stopped: {undelivered} events undelivered, kept in the spool"));
+        } else {
+            notifier.status(&format!("stopped: {undelivered} events undelivered and lost (memory spool)"));
+        }
+        // Even when the drain deadline passed with events left (logged per endpoint), a
+        // deliberate stop exits 0 so supervisors do not treat it as a crash.
+        ExitCode::SUCCESS
     })
 }
 

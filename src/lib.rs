@@ -16,6 +16,7 @@
 //! - [`admin`]: ADT-style `/eventroutes` and `/endpoints`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: the daemon assembled, started and stopped in order.
 //! - [`cli`]: the `twinroute` command line.
+//! - [`systemd`]: the service manager's notifications (`READY=1`, watchdog, `STOPPING=1`).
 //! - [`deadletter_cli`]: `twinroute deadletter list|replay`: dead letters read back and replayed.
 //! - [`telemetry`]: logs and metrics.
 pub mod admin;
@@ -32,4 +33,5 @@ pub mod ingest;
 pub mod loadtest;
 pub mod routing;
 pub mod sinks;
+pub mod systemd;
 pub mod telemetry;

@@ -204,10 +204,11 @@ pub const DEFAULT_JITTER: f64 = 0.2;
 /// Bytes of events held for delivery (all endpoints) before ingest answers 503: 256 MiB.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
 /// A delivery batch holds at most this many events and bytes.
-pub const DEFAULT_BATCH_MAX_EVENTS: usize = 256;
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 1000;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 1024 * 1024;
-/// After the first event of a batch, wait this long for more before sending (0: send at once).
-pub const DEFAULT_LINGER_MS: u64 = 2;
+/// After the first event of a batch, wait this long for more before sending. 0 (the default):
+/// send at once, a batch being whatever is waiting then (under load, batches fill by themselves).
+pub const DEFAULT_LINGER_MS: u64 = 0;
 
 /// Retry and batching settings; `[delivery]` sets the defaults, an endpoint's `delivery = {..}`
 /// overrides any of them.

@@ -1,21 +1,52 @@
 //! The `twinroute loadtest` command line.
 
+use super::compare::{CompareOptions, Spool};
+use super::{HttpIngest, LoadOptions, Observers};
 use crate::cli::{runtime, EXIT_USAGE};
-use std::path::PathBuf;
+use crate::config::EXIT_CONFIG;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit statuses beyond the usual ones.
+pub const EXIT_STATUS_HELP: &str =
+    "Exit status: 0 the run completed without errors; 1 some requests failed or \
+(--compare) events were lost; 64 bad arguments; 78 (--endpoints) the configuration is invalid.";
 
 #[derive(Debug, clap::Args)]
 pub struct LoadtestArgs {
-    /// The daemon's ingest URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// The daemon's ingest URL (the default target).
+    #[arg(long, default_value = "http://127.0.0.1:8080", conflicts_with_all = ["endpoints", "compare"])]
     target: String,
+    /// Instead of a daemon's ingest: this configuration's endpoints, through twinroute's delivery
+    /// pipeline in this process (to load what consumes them).
+    #[arg(long, value_name = "CONFIG", conflicts_with = "compare")]
+    endpoints: Option<PathBuf>,
+    /// Measure twinroute against the SDK straight to an in-process Event Hubs / Service Bus
+    /// stand-in, in one run: 10 routes, 3 endpoints; end-to-end latency, throughput ratio, the
+    /// daemon's CPU and memory.
+    #[arg(long)]
+    compare: bool,
+    /// With --compare: the daemon's spool.
+    #[arg(long, value_enum, default_value = "memory", requires = "compare")]
+    spool: SpoolArg,
+    /// With --compare: the twinroute binary to run as the daemon (default: this one).
+    #[arg(long, value_name = "PATH", requires = "compare")]
+    daemon: Option<PathBuf>,
+    /// The daemon's process id, to read its CPU and memory use from /proc while loading it.
+    #[arg(long, conflicts_with_all = ["endpoints", "compare"])]
+    pid: Option<u32>,
     /// Events per second in total, on a fixed schedule (open loop); `max` sends as fast as the
-    /// daemon takes them.
+    /// target takes them.
     #[arg(long, default_value = "1000")]
     rate: String,
     /// How long to send: 10s, 500ms, 2m.
     #[arg(long, default_value = "10s", value_parser = crate::loadtest::parse_duration)]
     duration: std::time::Duration,
+    /// Sent first but left out of the percentiles (connections opening, links attaching); the
+    /// timeline and counts include it.
+    #[arg(long, default_value = "1s", value_parser = crate::loadtest::parse_duration_or_zero)]
+    warmup: std::time::Duration,
     /// Events per request.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     batch: u32,
@@ -34,6 +65,19 @@ pub struct LoadtestArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Draw throughput and latency over time as an SVG chart in FILE (with --compare, also
+    /// FILE's name with `-baseline` for the baseline).
+    #[arg(long, value_name = "FILE")]
+    chart: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SpoolArg {
+    Memory,
+    Disk,
 }
 
 /// `twinroute loadtest`.
@@ -48,8 +92,8 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
             }
         },
     };
-    let options = crate::loadtest::LoadOptions {
-        target: args.target,
+    let options = LoadOptions {
+        target: args.target.clone(),
         rate,
         duration: args.duration,
         batch: args.batch as usize,
@@ -57,20 +101,74 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
         twins: args.twins as usize,
         seed: args.seed,
         payload_bytes: args.payload_bytes,
+        warmup: args.warmup,
     };
     let runtime = match runtime(true) {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let report = runtime.block_on(crate::loadtest::run(&options, |elapsed, accepted| {
-        eprintln!("  {:>5.1} s  {accepted} events accepted", elapsed.as_secs_f64());
-    }));
+    if args.compare {
+        return runtime.block_on(compare(&args, options));
+    }
+    let report = if let Some(path) = &args.endpoints {
+        let config = match crate::config::Config::load(Some(path)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("twinroute: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        };
+        runtime.block_on(async {
+            let pipeline = match super::direct::Pipeline::start(config).await {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    eprintln!("twinroute: {e}");
+                    return Err(ExitCode::FAILURE);
+                }
+            };
+            let observers = Observers { progress: !args.quiet, ..Default::default() };
+            let mut report = super::run(&options, pipeline.clone(), observers).await;
+            report.target = format!("endpoints of {} (delivery pipeline)", path.display());
+            eprintln!("twinroute: load sent; draining the queues");
+            let Ok(pipeline) = Arc::try_unwrap(pipeline) else { unreachable!("the load's tasks have ended") };
+            for t in pipeline.finish().await {
+                eprintln!(
+                    "  endpoint {}: {} delivered, {} dead-lettered, {} dropped, {} undelivered",
+                    t.endpoint, t.delivered, t.dead_lettered, t.dropped, t.undelivered
+                );
+                if t.dead_lettered + t.dropped + t.undelivered > 0 {
+                    report.errors += 1;
+                    report.error_samples.push(format!("endpoint {} did not take every event", t.endpoint));
+                }
+            }
+            Ok(report)
+        })
+    } else {
+        let process = match args.pid.map(super::procstat::ProcSampler::new) {
+            None => None,
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                eprintln!("twinroute: --pid: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let target = Arc::new(HttpIngest::new(&args.target, options.connections));
+        let observers = Observers { process, progress: !args.quiet, ..Default::default() };
+        let mut report = runtime.block_on(super::run(&options, target, observers));
+        report.target = args.target.clone();
+        Ok(report)
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     println!("{}", report.table());
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).expect("the report serializes");
-        if let Err(e) = std::fs::write(path, text + "\n") {
-            eprintln!("twinroute: cannot write {}: {e}", path.display());
-            return ExitCode::FAILURE;
+    if let Err(code) = write_json(&args, &report) {
+        return code;
+    }
+    if let Some(path) = &args.chart {
+        if let Err(code) = write(path, super::chart::svg(&report.target, &report.timeline)) {
+            return code;
         }
     }
     if report.errors > 0 {
@@ -82,3 +180,88 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
+    let daemon = match &args.daemon {
+        Some(p) => p.clone(),
+        None => match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("twinroute: cannot find this program's path ({e}); give --daemon");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let spool = match args.spool {
+        SpoolArg::Memory => Spool::Memory,
+        SpoolArg::Disk => Spool::Disk,
+    };
+    let options = CompareOptions { load, spool, daemon, progress: !args.quiet };
+    let report = match super::compare::run(&options).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinroute: the comparison could not run: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", report.table());
+    if let Err(code) = write_json(args, &report) {
+        return code;
+    }
+    if let Some(path) = &args.chart {
+        let baseline_path = sibling(path, "-baseline");
+        let title = format!("twinroute ({:?} spool), {}", report.spool, report.scenario);
+        if let Err(code) = write(path, super::chart::svg(&title, &report.twinroute.timeline)) {
+            return code;
+        }
+        let title = format!("baseline: SDK straight to the stand-in, {}", report.scenario);
+        if let Err(code) = write(&baseline_path, super::chart::svg(&title, &report.baseline.timeline)) {
+            return code;
+        }
+    }
+    let mut failed = false;
+    for (phase, r) in [("baseline", &report.baseline), ("twinroute", &report.twinroute)] {
+        for e in &r.error_samples {
+            eprintln!("twinroute: {phase}: request failed: {e}");
+        }
+        failed |= r.errors > 0;
+    }
+    let received = report.twinroute.received.unwrap_or(0);
+    if received < report.twinroute_delivered || report.twinroute_delivered == 0 {
+        eprintln!(
+            "twinroute: twinroute reports {} events delivered but the stand-in received {received}",
+            report.twinroute_delivered
+        );
+        failed = true;
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `dir/name<suffix>.ext` next to `path`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}{suffix}.{}", ext.to_string_lossy()),
+        None => format!("{stem}{suffix}"),
+    };
+    path.with_file_name(name)
+}
+
+fn write(path: &Path, text: String) -> Result<(), ExitCode> {
+    std::fs::write(path, text).map_err(|e| {
+        eprintln!("twinroute: cannot write {}: {e}", path.display());
+        ExitCode::FAILURE
+    })
+}
+
+fn write_json(args: &LoadtestArgs, report: &impl serde::Serialize) -> Result<(), ExitCode> {
+    match &args.json {
+        Some(path) => {
+            write(path, serde_json::to_string_pretty(report).expect("the report serializes") + "\n")
+        }
+        None => Ok(()),
+    }
+}

@@ -8,6 +8,8 @@
 
 pub mod chart;
 pub mod command;
+pub mod compare;
+pub mod direct;
 pub mod procstat;
 pub mod progress;
 
@@ -36,6 +38,9 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Pad each event's data to about this many bytes (0: as generated, about 400 bytes).
     pub payload_bytes: usize,
+    /// Sent but not measured at the start (connections opening, links attaching): the
+    /// percentiles describe the steady state. The timeline shows it all.
+    pub warmup: Duration,
 }
 
 /// Latency percentiles, microseconds.
@@ -86,21 +91,35 @@ pub struct LoadReport {
     /// The first few error messages, for the reader.
     pub error_samples: Vec<String>,
     pub accepted_per_second: f64,
-    /// From when a request was due (open loop) or sent (closed loop) to its 202, microseconds.
+    /// From when a request was due (open loop) or sent (closed loop) to its acceptance (the
+    /// 202), microseconds.
     pub latency_us: Percentiles,
+    /// Messages received at the stand-ins since the run started (including the drain after it),
+    /// when they are observed.
+    pub received: Option<u64>,
+    /// Messages received at the stand-ins per second during the run (sustained end-to-end
+    /// throughput), when observed.
+    pub received_per_second: Option<f64>,
+    /// From when an event was due to its receipt at the stand-ins, microseconds, when observed.
+    pub end_to_end_us: Option<Percentiles>,
+    /// The daemon's mean CPU use in cores over the run, when its process is observed.
+    pub cpu_cores_mean: Option<f64>,
+    /// The daemon's largest resident set seen, bytes, when its process is observed.
+    pub rss_bytes_max: Option<u64>,
+    /// About one sample per second.
+    pub timeline: Vec<Sample>,
 }
 
 impl LoadReport {
     /// The summary table printed at the end of a run.
     pub fn table(&self) -> String {
         let rate = self.rate.map_or("max".to_owned(), |r| format!("{r:.0}/s"));
-        let l = &self.latency_us;
-        format!(
+        let mut out = format!(
             "target          {}\n\
              rate            {rate} for {:.1} s, {} events/request, {} connections\n\
              events          {} sent, {} accepted, {} refused (503), {} request errors\n\
              throughput      {:.0} events/s accepted\n\
-             latency (202)   p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+             accepted in     {}",
             self.target,
             self.duration_seconds,
             self.batch,
@@ -110,11 +129,32 @@ impl LoadReport {
             self.events_refused,
             self.errors,
             self.accepted_per_second,
-            l.p50,
-            l.p90,
-            l.p99,
-            l.p999,
-            l.max
+            self.latency_us.line(),
+        );
+        if let (Some(received), Some(per_second)) = (self.received, self.received_per_second) {
+            out += &format!(
+                "\nreceived        {received} messages at the stand-ins, {per_second:.0}/s during the run"
+            );
+        }
+        if let Some(e2e) = &self.end_to_end_us {
+            out += &format!("\nend to end      {}", e2e.line());
+        }
+        if let (Some(cpu), Some(rss)) = (self.cpu_cores_mean, self.rss_bytes_max) {
+            out += &format!(
+                "\ndaemon          {cpu:.3} cores (mean), {:.1} MB resident (max)",
+                rss as f64 / 1e6
+            );
+        }
+        out
+    }
+}
+
+impl Percentiles {
+    /// `p50 … µs, p90 …, p99 …, p99.9 …, max …`.
+    pub fn line(&self) -> String {
+        format!(
+            "p50 {} µs, p90 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+            self.p50, self.p90, self.p99, self.p999, self.max
         )
     }
 }
@@ -128,9 +168,28 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// One generated batch body.
-fn batch_body(generator: &mut SampleGenerator, batch: usize, payload_bytes: usize) -> String {
-    let events: Vec<serde_json::Value> = (0..batch)
+/// The extension attribute carrying when an event was due to be sent (Unix time in
+/// nanoseconds, a string): the stand-ins read it on receipt for end-to-end latency. Through
+/// twinroute it arrives as the application property `cloudEvents:loadtestsent`.
+pub const SENT_EXTENSION: &str = "loadtestsent";
+
+/// How long a connection waits after a 503 when sending as fast as possible.
+const REFUSED_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Now, as Unix nanoseconds.
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// One generated batch: `batch` events, data padded to `payload_bytes`, stamped with `sent`
+/// (Unix nanoseconds) in [`SENT_EXTENSION`].
+pub fn batch_values(
+    generator: &mut SampleGenerator,
+    batch: usize,
+    payload_bytes: usize,
+    sent: u128,
+) -> Vec<serde_json::Value> {
+    (0..batch)
         .map(|_| {
             let event = generator.next_event();
             let mut value: serde_json::Value =
@@ -141,35 +200,203 @@ fn batch_body(generator: &mut SampleGenerator, batch: usize, payload_bytes: usiz
                     data.insert("padding".into(), "x".repeat(payload_bytes - size).into());
                 }
             }
+            value[SENT_EXTENSION] = sent.to_string().into();
             value
         })
-        .collect();
-    serde_json::Value::Array(events).to_string()
+        .collect()
 }
 
-/// Runs the load; `progress` is called about once a second with (elapsed, accepted so far).
-pub async fn run(options: &LoadOptions, progress: impl Fn(Duration, u64)) -> LoadReport {
-    let url = format!("{}/events", options.target.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.connections)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("an HTTP client");
+/// One generated batch body (a JSON array of structured events).
+#[cfg(test)]
+fn batch_body(generator: &mut SampleGenerator, batch: usize, payload_bytes: usize) -> String {
+    serde_json::Value::Array(batch_values(generator, batch, payload_bytes, unix_nanos())).to_string()
+}
+
+/// What became of one request.
+#[derive(Debug)]
+pub enum SendOutcome {
+    /// Taken (202, or queued by the pipeline, or accepted by the service).
+    Accepted,
+    /// Refused for now (503, backpressure).
+    Refused,
+    /// Failed otherwise; the message says how.
+    Error(String),
+}
+
+/// Where the load goes: a daemon's ingest, a configuration's endpoints, or the service directly.
+#[async_trait::async_trait]
+pub trait Target: Send + Sync {
+    /// Sends one batch of structured events on behalf of connection `connection`.
+    async fn send(&self, connection: usize, events: Vec<serde_json::Value>) -> SendOutcome;
+}
+
+/// A daemon's HTTP ingest.
+pub struct HttpIngest {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl HttpIngest {
+    /// Posts to `<base>/events` over up to `connections` kept-alive connections.
+    pub fn new(base: &str, connections: usize) -> Self {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client");
+        Self { url: format!("{}/events", base.trim_end_matches('/')), client }
+    }
+}
+
+#[async_trait::async_trait]
+impl Target for HttpIngest {
+    async fn send(&self, _connection: usize, events: Vec<serde_json::Value>) -> SendOutcome {
+        let body = serde_json::Value::Array(events).to_string();
+        let response = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/cloudevents-batch+json")
+            .body(body)
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status() == 202 => SendOutcome::Accepted,
+            Ok(r) if r.status() == 503 => SendOutcome::Refused,
+            Ok(r) => SendOutcome::Error(format!("HTTP {}", r.status())),
+            Err(e) => SendOutcome::Error(e.to_string()),
+        }
+    }
+}
+
+/// Measurements taken alongside the load, once per interval.
+#[derive(Default)]
+pub struct Observers {
+    /// Receipts at the stand-ins (end-to-end latency).
+    pub receipts: Option<Arc<Receipts>>,
+    /// The daemon's process.
+    pub process: Option<procstat::ProcSampler>,
+    /// Draw a progress line on stderr.
+    pub progress: bool,
+}
+
+/// Latency histograms: the whole run and the current interval.
+struct Histograms {
+    total: Histogram<u64>,
+    interval: Histogram<u64>,
+}
+
+impl Histograms {
+    fn new() -> Self {
+        Self {
+            total: Histogram::new(3).expect("a histogram"),
+            interval: Histogram::new(3).expect("a histogram"),
+        }
+    }
+
+    fn record(&mut self, micros: u64) {
+        let _ = self.total.record(micros);
+        let _ = self.interval.record(micros);
+    }
+
+    /// (p50, p99) of the interval, which starts over.
+    fn take_interval(&mut self) -> (u64, u64) {
+        let h = &mut self.interval;
+        let p = if h.is_empty() { (0, 0) } else { (h.value_at_quantile(0.5), h.value_at_quantile(0.99)) };
+        h.reset();
+        p
+    }
+}
+
+/// Events received at the stand-ins, with their end-to-end latency (from when each was due to
+/// be sent, read from [`SENT_EXTENSION`], to its receipt).
+pub struct Receipts {
+    state: std::sync::Mutex<(Histograms, u64)>,
+    /// Messages stamped before this (Unix nanoseconds) are counted but not measured (warm-up).
+    measure_from: AtomicU64,
+}
+
+impl Default for Receipts {
+    fn default() -> Self {
+        Self { state: std::sync::Mutex::new((Histograms::new(), 0)), measure_from: AtomicU64::new(0) }
+    }
+}
+
+impl Receipts {
+    /// Records the receipt now of messages stamped with these values (Unix nanoseconds).
+    pub fn record(&self, stamps: &[Option<&str>]) {
+        let now = unix_nanos();
+        let from = u128::from(self.measure_from.load(Ordering::Relaxed));
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for stamp in stamps {
+            state.1 += 1;
+            if let Some(sent) = stamp.and_then(|s| s.parse::<u128>().ok()) {
+                if sent >= from {
+                    state.0.record((now.saturating_sub(sent) / 1000) as u64);
+                }
+            }
+        }
+    }
+
+    /// Messages received so far.
+    pub fn count(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Starts over (between runs).
+    pub fn reset(&self) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (Histograms::new(), 0);
+    }
+
+    fn take_interval(&self) -> (u64, u64, u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (p50, p99) = state.0.take_interval();
+        (state.1, p50, p99)
+    }
+
+    /// End-to-end latency percentiles so far.
+    pub fn percentiles(&self) -> Percentiles {
+        percentiles(&self.state.lock().unwrap_or_else(|e| e.into_inner()).0.total)
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        p50: h.value_at_quantile(0.5),
+        p90: h.value_at_quantile(0.9),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+    }
+}
+
+/// Runs the load against `target`, sampling `observers` about once a second.
+pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: Observers) -> LoadReport {
     let counters = Arc::new(Counters::default());
+    let latency = Arc::new(std::sync::Mutex::new(Histograms::new()));
     let started = Instant::now();
+    let started_unix = unix_nanos();
     let until = started + options.duration;
     let connections = options.connections.max(1);
     // Each connection's interval between requests, for its share of the rate.
     let interval =
         options.rate.map(|r| Duration::from_secs_f64(options.batch as f64 * connections as f64 / r));
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let received_before = observers.receipts.as_ref().map_or(0, |r| r.count());
+    let measure_from = started + options.warmup.min(options.duration / 2);
+    if let Some(receipts) = &observers.receipts {
+        let from = started_unix + (measure_from - started).as_nanos();
+        receipts.measure_from.store(u64::try_from(from).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let (client, url, counters, errors) = (client.clone(), url.clone(), counters.clone(), errors.clone());
+        let (target, counters, errors, latency) =
+            (target.clone(), counters.clone(), errors.clone(), latency.clone());
         let (batch, payload, twins) = (options.batch, options.payload_bytes, options.twins);
         let mut generator = SampleGenerator::new(twins, options.seed.wrapping_add(c as u64));
         tasks.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new(3).expect("a histogram");
             // Connections start spread over one interval, not all at once.
             let mut due = started + interval.map_or(Duration::ZERO, |i| i * c as u32 / connections as u32);
             loop {
@@ -181,30 +408,30 @@ pub async fn run(options: &LoadOptions, progress: impl Fn(Duration, u64)) -> Loa
                 } else if Instant::now() >= until {
                     break;
                 }
-                let body = batch_body(&mut generator, batch, payload);
                 let sent_at = if interval.is_some() { due } else { Instant::now() };
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/cloudevents-batch+json")
-                    .body(body)
-                    .send()
-                    .await;
+                let stamp = started_unix + (sent_at - started).as_nanos();
+                let events = batch_values(&mut generator, batch, payload, stamp);
+                let outcome = target.send(c, events).await;
                 counters.requests.fetch_add(1, Ordering::Relaxed);
                 counters.sent.fetch_add(batch as u64, Ordering::Relaxed);
-                match response {
-                    Ok(r) if r.status() == 202 => {
+                match outcome {
+                    SendOutcome::Accepted => {
                         counters.accepted.fetch_add(batch as u64, Ordering::Relaxed);
-                        let _ = histogram.record(sent_at.elapsed().as_micros() as u64);
+                        if sent_at >= measure_from {
+                            let micros = sent_at.elapsed().as_micros() as u64;
+                            latency.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
+                        }
                     }
-                    Ok(r) if r.status() == 503 => {
+                    SendOutcome::Refused => {
                         counters.refused.fetch_add(batch as u64, Ordering::Relaxed);
+                        if interval.is_none() {
+                            // As fast as possible still means as a well-behaved client: back
+                            // off briefly when told to, instead of hammering a full queue.
+                            tokio::time::sleep(REFUSED_BACKOFF).await;
+                        }
                     }
-                    other => {
+                    SendOutcome::Error(message) => {
                         counters.errors.fetch_add(1, Ordering::Relaxed);
-                        let message = match other {
-                            Ok(r) => format!("HTTP {}", r.status()),
-                            Err(e) => e.to_string(),
-                        };
                         let mut errors = errors.lock().unwrap_or_else(|e| e.into_inner());
                         if errors.len() < 5 {
                             errors.push(message);
@@ -215,29 +442,79 @@ pub async fn run(options: &LoadOptions, progress: impl Fn(Duration, u64)) -> Loa
                     due += i;
                 }
             }
-            histogram
         }));
     }
+    let mut progress = observers.progress.then(|| progress::Progress::new(options.duration));
+    let mut timeline = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    let (mut last_t, mut last_accepted, mut last_received) = (0.0, 0, received_before);
+    let mut received_in_window = None;
     let all = futures::future::join_all(tasks);
     tokio::pin!(all);
-    let results = loop {
-        tokio::select! {
-            results = &mut all => break results,
-            _ = ticker.tick() => progress(started.elapsed(), counters.accepted.load(Ordering::Relaxed)),
+    loop {
+        let done = tokio::select! {
+            _ = &mut all => true,
+            _ = ticker.tick() => false,
+        };
+        let t = started.elapsed().as_secs_f64();
+        let accepted = counters.accepted.load(Ordering::Relaxed);
+        let span = (t - last_t).max(1e-3);
+        let (mut p50_us, mut p99_us) = latency.lock().unwrap_or_else(|e| e.into_inner()).take_interval();
+        let mut received_per_second = None;
+        let mut received_total = None;
+        if let Some(receipts) = &observers.receipts {
+            let (count, p50, p99) = receipts.take_interval();
+            received_per_second = Some((count - last_received) as f64 / span);
+            received_total = Some(count - received_before);
+            last_received = count;
+            (p50_us, p99_us) = (p50, p99);
+            if done && received_in_window.is_none() {
+                received_in_window = Some(count - received_before);
+            }
         }
-    };
-    let elapsed = started.elapsed().max(options.duration);
-    let mut histogram = Histogram::<u64>::new(3).expect("a histogram");
-    for h in results.into_iter().flatten() {
-        let _ = histogram.add(h);
+        let (mut cpu_cores, mut rss_bytes) = (None, None);
+        if let Some(sampler) = &mut observers.process {
+            if let Ok(sample) = sampler.sample() {
+                (cpu_cores, rss_bytes) = (Some(sample.cpu_cores), Some(sample.rss_bytes));
+            }
+        }
+        if t - last_t >= 0.2 {
+            timeline.push(Sample {
+                t,
+                accepted_per_second: (accepted - last_accepted) as f64 / span,
+                received_per_second,
+                p50_us,
+                p99_us,
+                cpu_cores,
+                rss_bytes,
+            });
+        }
+        if let Some(p) = &mut progress {
+            p.update(started.elapsed(), accepted, received_total, Some(p99_us));
+        }
+        (last_t, last_accepted) = (t, accepted);
+        if done {
+            break;
+        }
     }
-    let percentile = |q: f64| if histogram.is_empty() { 0 } else { histogram.value_at_quantile(q) };
+    if let Some(p) = &mut progress {
+        p.finish();
+    }
+    let elapsed = started.elapsed().max(options.duration);
+    let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
     let accepted = counters.accepted.load(Ordering::Relaxed);
     let error_samples = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let (cpu_cores_mean, rss_bytes_max) = match &observers.process {
+        Some(sampler) => {
+            let totals = sampler.totals();
+            (Some(totals.cpu_cores_mean), Some(totals.rss_bytes_max))
+        }
+        None => (None, None),
+    };
     LoadReport {
-        target: options.target.clone(),
+        target: String::new(),
         rate: options.rate,
         duration_seconds: elapsed.as_secs_f64(),
         batch: options.batch,
@@ -249,13 +526,21 @@ pub async fn run(options: &LoadOptions, progress: impl Fn(Duration, u64)) -> Loa
         errors: counters.errors.load(Ordering::Relaxed),
         error_samples,
         accepted_per_second: accepted as f64 / elapsed.as_secs_f64(),
-        latency_us: Percentiles {
-            p50: percentile(0.5),
-            p90: percentile(0.9),
-            p99: percentile(0.99),
-            p999: percentile(0.999),
-            max: if histogram.is_empty() { 0 } else { histogram.max() },
-        },
+        latency_us: percentiles(&latency.total),
+        received: observers.receipts.as_ref().map(|r| r.count() - received_before),
+        received_per_second: received_in_window.map(|n| n as f64 / elapsed.as_secs_f64()),
+        end_to_end_us: observers.receipts.as_ref().map(|r| r.percentiles()),
+        cpu_cores_mean,
+        rss_bytes_max,
+        timeline,
+    }
+}
+
+/// [`parse_duration`], also taking zero (`0`, `0s`).
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    match text.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => parse_duration(text),
     }
 }
 
@@ -293,6 +578,10 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("fast").is_err());
+        assert_eq!(parse_duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration_or_zero("-1s").is_err());
     }
 
     #[test]

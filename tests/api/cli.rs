@@ -339,3 +339,73 @@ fn loadtest_refuses_bad_values_and_reports_an_unreachable_target() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("request failed"), "{stderr}");
 }
+
+/// The CI smoke run of the comparison: both phases, against the in-process stand-in and the real
+/// binary as the daemon; what twinroute says it delivered is what the stand-in received. (No
+/// thresholds: the figures are the harness's output, not a test's.)
+#[test]
+fn loadtest_compare_runs_both_phases_and_accounts_for_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, chart) = (dir.path().join("compare.json"), dir.path().join("compare.svg"));
+    let out = twinroute()
+        .args(["loadtest", "--compare", "--rate", "300", "--duration", "2s", "--warmup", "0"])
+        .args(["--batch", "10", "--connections", "2", "--payload-bytes", "1024", "--quiet", "--json"])
+        .arg(&json)
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ratio") && stdout.contains("added latency"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for phase in ["baseline", "twinroute"] {
+        let r = &report[phase];
+        assert_eq!(r["events_accepted"], 600, "{phase}: {r}");
+        assert_eq!(r["errors"], 0, "{phase}: {r}");
+        // Every event reaches at least one of the three entities; some fan out.
+        assert!(r["received"].as_u64().unwrap() > 600, "{phase}: {r}");
+        assert!(r["end_to_end_us"]["p50"].as_u64().unwrap() > 0, "{phase}: {r}");
+        assert!(!r["timeline"].as_array().unwrap().is_empty(), "{phase}");
+    }
+    // Same seed, same events, same routes: the same deliveries on both paths.
+    assert_eq!(report["baseline"]["received"], report["twinroute"]["received"], "{report}");
+    assert_eq!(report["twinroute_delivered"], report["twinroute"]["received"], "{report}");
+    assert!(report["twinroute"]["cpu_cores_mean"].as_f64().unwrap() > 0.0);
+    assert!(report["twinroute"]["rss_bytes_max"].as_u64().unwrap() > 1_000_000);
+    for path in [chart.clone(), dir.path().join("compare-baseline.svg")] {
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{}", path.display());
+    }
+}
+
+/// `--endpoints`: the load goes through the delivery pipeline to the configuration's endpoints.
+#[test]
+fn loadtest_through_a_configurations_endpoints_delivers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, events) = (dir.path().join("load.toml"), dir.path().join("events.ndjson"));
+    std::fs::write(
+        &config,
+        format!(
+            "[endpoints.file]\ntype = \"File\"\npath = {:?}\n\n[routes.all]\nendpoint_name = \"file\"\nfilter = \"true\"\n",
+            events.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = twinroute()
+        .args(["loadtest", "--endpoints"])
+        .arg(&config)
+        .args(["--rate", "500", "--duration", "1s", "--batch", "10", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.contains("endpoint file: 500 delivered, 0 dead-lettered"), "{stderr}");
+    let written = std::fs::read_to_string(&events).unwrap();
+    assert_eq!(written.lines().count(), 500);
+    assert!(written.lines().all(|l| l.contains("\"loadtestsent\"")), "the send time travels in the event");
+    // An invalid configuration is refused before any load.
+    std::fs::write(&config, "[endpoints.file]\ntype = \"Nope\"\n").unwrap();
+    let out = twinroute().args(["loadtest", "--endpoints"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -11,3 +11,4 @@ mod event_grid;
 mod helpers;
 mod identity;
 mod ingest;
+mod systemd;

@@ -1128,6 +1128,11 @@ async fn serve_inbound(mut link: Receiver, target: InboundTarget, conn: Arc<Conn
             }
         };
         let count = messages.len();
+        if let Some(hook) = &broker.config.receipt_hook {
+            let values: Vec<Option<&str>> =
+                messages.iter().map(|m| string_property(m, &hook.property)).collect();
+            (hook.callback)(&target.stats_key, &values);
+        }
         let placed = match &target.destination {
             Destination::Hub { hub, partition } => {
                 let key = key.or_else(|| messages.first().and_then(partition_key));

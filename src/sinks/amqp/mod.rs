@@ -34,6 +34,11 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event Hubs and Service Bus ask clients to back off this long when they answer "server busy".
 const SERVER_BUSY_BACKOFF: Duration = Duration::from_secs(4);
+/// Sender links per target. The groups of one batch (distinct partition keys or sessions, so
+/// their relative order does not matter) are sent on them at once, each group's messages in
+/// order on one link: a batch takes the time of its longest lane instead of the sum of its
+/// groups' round trips.
+const LANES: usize = 8;
 /// Used when a link does not say its maximum message size.
 const DEFAULT_MAX_MESSAGE_SIZE: u64 = 1024 * 1024;
 /// How long each step of closing (detach, end, close) may take.
@@ -89,8 +94,8 @@ struct Connected {
     connection: Arc<AmqpConnection>,
     session: AmqpSession,
     cbs: Arc<AmqpClaimsBasedSecurity>,
-    /// Sender links by target address.
-    senders: HashMap<String, (Arc<AmqpSender>, u64)>,
+    /// Sender links by target address and lane.
+    senders: HashMap<(String, usize), (Arc<AmqpSender>, u64)>,
     /// The token in force on this connection and its expiry.
     authorized: Option<(Token, OffsetDateTime)>,
 }
@@ -359,13 +364,16 @@ impl AmqpClient {
         }
     }
 
-    /// The sender for `target`, attached on first use; with the link's maximum message size.
+    /// The sender for `target` on lane `lane`, attached on first use; with the link's maximum
+    /// message size.
     async fn sender(
         &self,
         connected: &mut Connected,
         target: &str,
+        lane: usize,
     ) -> Result<(Arc<AmqpSender>, u64), Failure> {
-        if !connected.senders.contains_key(target) {
+        let key = (target.to_owned(), lane);
+        if !connected.senders.contains_key(&key) {
             let sender = Arc::new(AmqpSender::new());
             let address = format!("amqps://{}/{}", self.config.namespace, target);
             let name = format!("twinroute-sender-{}", uuid::Uuid::new_v4());
@@ -382,9 +390,9 @@ impl AmqpClient {
                 .flatten()
                 .filter(|&m| m > 0)
                 .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
-            connected.senders.insert(target.to_owned(), (sender, max));
+            connected.senders.insert(key.clone(), (sender, max));
         }
-        let (sender, max) = connected.senders.get(target).expect("inserted above");
+        let (sender, max) = connected.senders.get(&key).expect("inserted above");
         Ok((sender.clone(), *max))
     }
 
@@ -392,11 +400,51 @@ impl AmqpClient {
     pub async fn max_message_size(&self, target: &str) -> Result<u64, DeliveryOutcome> {
         let mut state = self.state.lock().await;
         let connected = self.ready(&mut state).await.map_err(DeliveryOutcome::from)?;
-        match self.sender(connected, target).await {
+        match self.sender(connected, target, 0).await {
             Ok((_, max)) => Ok(max),
             Err(f) => {
                 *state = None;
                 Err(f.into())
+            }
+        }
+    }
+
+    /// `lanes` senders for `target` (connecting and authorizing if needed), the smallest maximum
+    /// message size among them, and the connection they belong to.
+    async fn senders(
+        &self,
+        target: &str,
+        lanes: usize,
+    ) -> Result<(Vec<Arc<AmqpSender>>, u64, Arc<AmqpConnection>), Failure> {
+        let mut state = self.state.lock().await;
+        let connected = self.ready(&mut state).await?;
+        let mut senders = Vec::with_capacity(lanes);
+        let mut max = u64::MAX;
+        for lane in 0..lanes {
+            match self.sender(connected, target, lane).await {
+                Ok((sender, m)) => {
+                    senders.push(sender);
+                    max = max.min(m);
+                }
+                Err(f) => {
+                    *state = None;
+                    return Err(f);
+                }
+            }
+        }
+        let connection = connected.connection.clone();
+        Ok((senders, max, connection))
+    }
+
+    /// After a send failed in a way that leaves the connection in doubt: drops it (if it is
+    /// still the current one), so the next send starts clean.
+    async fn drop_connection(&self, failed: &Arc<AmqpConnection>) {
+        let mut state = self.state.lock().await;
+        if state.as_ref().is_some_and(|c| Arc::ptr_eq(&c.connection, failed)) {
+            if let (Some(old), Some(io)) = (state.take(), self.io.get()) {
+                io.handle.spawn(async move {
+                    let _ = old.connection.close().await;
+                });
             }
         }
     }
@@ -413,57 +461,40 @@ impl AmqpClient {
         Ok(state.as_mut().expect("still connected"))
     }
 
-    /// Sends one message (a batch when `batch`) to `target` (`<entity>` or
-    /// `<hub>/Partitions/<id>`), classifying the outcome. Any failure other than a refusal of
-    /// the message itself drops the connection, so the next send starts clean.
-    pub async fn send(&self, target: &str, message: AmqpMessage, batch: bool) -> DeliveryOutcome {
-        tracing::trace!(endpoint = %self.config.endpoint, target, "send: waiting for the client");
-        let mut state = self.state.lock().await;
-        let connected = match self.ready(&mut state).await {
-            Ok(c) => c,
-            Err(f) => return f.into(),
-        };
-        let sender = match self.sender(connected, target).await {
-            Ok((s, _)) => s,
-            Err(f) => {
-                *state = None;
-                return f.into();
-            }
-        };
-        let options = AmqpSendOptions {
-            message_format: batch.then_some(message::BATCH_MESSAGE_FORMAT),
-            ..Default::default()
-        };
-        let io = match self.io() {
-            Ok(io) => io,
-            Err(f) => return f.into(),
-        };
-        tracing::trace!(endpoint = %self.config.endpoint, target, batch, "sending");
-        let outcome =
-            io.run(SEND_TIMEOUT, "sending", async move { sender.send(message, Some(options)).await }).await;
-        tracing::trace!(endpoint = %self.config.endpoint, target, ok = outcome.is_ok(), "sent");
-        match outcome {
-            Ok(AmqpSendOutcome::Accepted) => DeliveryOutcome::Delivered,
-            Ok(AmqpSendOutcome::Rejected(error)) => {
+    /// What a send's result means for the delivery, and whether the connection is in doubt.
+    fn classify_send(&self, result: SendResult) -> (DeliveryOutcome, bool) {
+        match result {
+            Ok(Ok(AmqpSendOutcome::Accepted)) => (DeliveryOutcome::Delivered, false),
+            Ok(Ok(AmqpSendOutcome::Rejected(error))) => {
                 let (condition, description) = match &error {
                     Some(e) => (e.condition.to_string(), e.description.clone().unwrap_or_default()),
                     None => ("(none)".to_owned(), String::new()),
                 };
-                classify_condition(&condition, &description, &self.role_hint(), &self.where_()).into()
+                (
+                    classify_condition(&condition, &description, &self.role_hint(), &self.where_()).into(),
+                    false,
+                )
             }
-            Ok(AmqpSendOutcome::Released) | Ok(AmqpSendOutcome::Modified(_)) => DeliveryOutcome::Transient {
-                reason: format!("{}: the service released the message", self.where_()),
-                after: None,
-            },
-            Err(e) => {
-                // The link or connection is in doubt: start over next time.
-                if let Some(old) = state.take() {
-                    io.handle.spawn(async move {
-                        let _ = old.connection.close().await;
-                    });
-                }
-                classify_text(&e, &self.role_hint(), &self.where_()).into()
+            Ok(Ok(AmqpSendOutcome::Released | AmqpSendOutcome::Modified(_))) => (
+                DeliveryOutcome::Transient {
+                    reason: format!("{}: the service released the message", self.where_()),
+                    after: None,
+                },
+                false,
+            ),
+            // The link or connection is in doubt: start over next time.
+            Ok(Err(e)) => {
+                (classify_text(&format!("sending: {e}"), &self.role_hint(), &self.where_()).into(), true)
             }
+            Err(_) => (
+                classify_text(
+                    &format!("sending: no answer within {SEND_TIMEOUT:?}"),
+                    &self.role_hint(),
+                    &self.where_(),
+                )
+                .into(),
+                true,
+            ),
         }
     }
 
@@ -510,28 +541,25 @@ pub fn group_by_key(
     groups
 }
 
-/// What sending one group did.
-struct GroupResult {
-    /// Positions delivered.
-    delivered: Vec<usize>,
-    /// Positions that can never be sent (larger than the entity allows), with why.
-    oversized: Vec<(usize, String)>,
-    /// The failure that stopped the group, if any (what was not sent had it).
-    failure: Option<DeliveryOutcome>,
-}
+/// The outcome of one send on the AMQP thread: the service's answer, or the client's error, or
+/// no answer in time.
+type SendResult = Result<Result<AmqpSendOutcome, AmqpError>, tokio::time::error::Elapsed>;
 
-/// Sends the events at `positions` (all with the same partition key or session) as batches no
-/// larger than `max`; an event that alone is too large is set aside, not sent.
-async fn send_group(
-    client: &AmqpClient,
-    target: &str,
+/// A message to send and the positions (in the batch) of the events it carries.
+type Planned = (Vec<usize>, AmqpMessage);
+
+/// The messages of one group (one partition key or session, in order): each with the
+/// positions of the events it carries, filled up to `max`; events that alone are too large are
+/// set aside with why.
+fn plan_group(
     batch: &[Arc<Envelope>],
     positions: &[usize],
     options: &MessageOptions,
     max: u64,
-) -> GroupResult {
+) -> (Vec<Planned>, Vec<(usize, String)>) {
     let budget = max.saturating_sub(ENVELOPE_OVERHEAD) as usize;
-    let mut result = GroupResult { delivered: Vec::new(), oversized: Vec::new(), failure: None };
+    let mut messages = Vec::new();
+    let mut oversized = Vec::new();
     let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut pending_at: Vec<usize> = Vec::new();
     let mut first = None;
@@ -542,13 +570,13 @@ async fn send_group(
         let encoded = match encode(&message) {
             Ok(e) => e,
             Err(reason) => {
-                result.oversized.push((i, reason));
+                oversized.push((i, reason));
                 continue;
             }
         };
         let add = batched_size(encoded.len());
         if add > budget {
-            result.oversized.push((
+            oversized.push((
                 i,
                 format!(
                     "event {} is {} bytes encoded, over the entity's maximum message size of {max} bytes",
@@ -559,16 +587,11 @@ async fn send_group(
             continue;
         }
         if size + add > budget && !pending.is_empty() {
-            let message = batch_envelope(
+            let envelope = batch_envelope(
                 first.as_ref().expect("set with the first message"),
                 std::mem::take(&mut pending),
             );
-            let outcome = client.send(target, message, true).await;
-            if outcome != DeliveryOutcome::Delivered {
-                result.failure = Some(outcome);
-                return result;
-            }
-            result.delivered.append(&mut pending_at);
+            messages.push((std::mem::take(&mut pending_at), envelope));
             size = 0;
             first = None;
         }
@@ -580,22 +603,19 @@ async fn send_group(
         pending_at.push(i);
     }
     if let Some(first) = first {
-        let outcome = client.send(target, batch_envelope(&first, pending), true).await;
-        if outcome == DeliveryOutcome::Delivered {
-            result.delivered.append(&mut pending_at);
-        } else {
-            result.failure = Some(outcome);
-        }
+        messages.push((pending_at, batch_envelope(&first, pending)));
     }
-    result
+    (messages, oversized)
 }
 
 impl AmqpClient {
     /// Delivers a batch to `target`: grouped by twin id when `by_twin` (a partition key or a
     /// session holds one twin's events, in order), each group in batches up to the link's
-    /// maximum message size, `options` giving each group's key. Stops at the first failure and
-    /// reports what was delivered before it; events too large for the entity are refused
-    /// (permanent) while the others go.
+    /// maximum message size, `options` giving each group's key. The groups are spread over
+    /// [`LANES`] links and sent at once, each lane in order, all in one trip to the AMQP
+    /// thread; a lane stops at its first failure, and the outcome lists what was delivered
+    /// (the rest is retried). Events too large for the entity are refused (permanent) while the
+    /// others go.
     pub async fn deliver_grouped(
         &self,
         target: &str,
@@ -603,25 +623,74 @@ impl AmqpClient {
         by_twin: bool,
         options: impl Fn(Option<String>) -> MessageOptions,
     ) -> DeliveryOutcome {
-        let max = match self.max_message_size(target).await {
-            Ok(m) => m,
-            Err(outcome) => return outcome,
-        };
         let groups = if by_twin {
             group_by_key(batch, |e| e.event.twin_id().map(str::to_owned))
         } else {
             group_by_key(batch, |_| None)
         };
-        let mut delivered = Vec::new();
+        let lanes = groups.len().clamp(1, LANES);
+        let (senders, max, connection) = match self.senders(target, lanes).await {
+            Ok(s) => s,
+            Err(f) => return f.into(),
+        };
         let mut oversized: Vec<(usize, String)> = Vec::new();
-        for (key, positions) in groups {
-            let mut result = send_group(self, target, batch, &positions, &options(key), max).await;
-            delivered.append(&mut result.delivered);
-            oversized.append(&mut result.oversized);
-            if let Some(failure) = result.failure {
-                // What was not delivered (the oversized included) is retried with the failure.
-                return DeliveryOutcome::partial(delivered, failure);
+        let mut planned: Vec<Vec<Planned>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (n, (key, positions)) in groups.into_iter().enumerate() {
+            let (messages, mut too_large) = plan_group(batch, &positions, &options(key), max);
+            planned[n % lanes].extend(messages);
+            oversized.append(&mut too_large);
+        }
+        let io = match self.io() {
+            Ok(io) => io,
+            Err(f) => return f.into(),
+        };
+        tracing::trace!(endpoint = %self.config.endpoint, target, lanes, "sending");
+        let send_options =
+            AmqpSendOptions { message_format: Some(message::BATCH_MESSAGE_FORMAT), ..Default::default() };
+        // Per lane: the positions delivered, and the failed send's result if one failed.
+        let sending = async move {
+            let lanes = planned.into_iter().zip(senders).map(|(messages, sender)| {
+                let send_options = send_options.clone();
+                async move {
+                    let mut delivered = Vec::new();
+                    for (positions, message) in messages {
+                        let result = tokio::time::timeout(
+                            SEND_TIMEOUT,
+                            sender.send(message, Some(send_options.clone())),
+                        )
+                        .await;
+                        if !matches!(result, Ok(Ok(AmqpSendOutcome::Accepted))) {
+                            return (delivered, Some(result));
+                        }
+                        delivered.extend(positions);
+                    }
+                    (delivered, None)
+                }
+            });
+            futures::future::join_all(lanes).await
+        };
+        let results = match io.spawn(sending).await {
+            Ok(r) => r,
+            Err(e) => return Failure::Transient(format!("{}: {e}", self.where_()), None).into(),
+        };
+        let mut delivered = Vec::new();
+        let mut failure = None;
+        let mut in_doubt = false;
+        for (mut lane_delivered, failed) in results {
+            delivered.append(&mut lane_delivered);
+            if let Some(result) = failed {
+                let (outcome, doubt) = self.classify_send(result);
+                in_doubt |= doubt;
+                failure.get_or_insert(outcome);
             }
+        }
+        tracing::trace!(endpoint = %self.config.endpoint, target, delivered = delivered.len(), failed = failure.is_some(), "sent");
+        if in_doubt {
+            self.drop_connection(&connection).await;
+        }
+        if let Some(failure) = failure {
+            // What was not delivered (the oversized included) is retried with the failure.
+            return DeliveryOutcome::partial(delivered, failure);
         }
         if oversized.is_empty() {
             return DeliveryOutcome::Delivered;
