@@ -30,6 +30,14 @@ pub struct LoadtestArgs {
     /// With --compare: the daemon's spool.
     #[arg(long, value_enum, default_value = "memory", requires = "compare")]
     spool: SpoolArg,
+    /// With --compare: the event hubs' partition key, `twin_id` (twinroute's default: a message
+    /// per twin per batch) or `none` (a message per batch), for both phases.
+    #[arg(long, value_name = "KEY", default_value = "twin_id", value_parser = ["twin_id", "none"], requires = "compare")]
+    partition_key: String,
+    /// With --compare: events per send in the baseline (default: --batch). twinroute gathers
+    /// the events of many requests into each delivery; this gives the SDK the same advantage.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000), requires = "compare")]
+    baseline_batch: Option<u32>,
     /// With --compare: the twinroute binary to run as the daemon (default: this one).
     #[arg(long, value_name = "PATH", requires = "compare")]
     daemon: Option<PathBuf>,
@@ -195,7 +203,15 @@ async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
         SpoolArg::Memory => Spool::Memory,
         SpoolArg::Disk => Spool::Disk,
     };
-    let options = CompareOptions { load, spool, daemon, progress: !args.quiet };
+    let by_twin = args.partition_key == "twin_id";
+    let options = CompareOptions {
+        load,
+        spool,
+        by_twin,
+        baseline_batch: args.baseline_batch.map(|b| b as usize),
+        daemon,
+        progress: !args.quiet,
+    };
     let report = match super::compare::run(&options).await {
         Ok(r) => r,
         Err(e) => {

@@ -130,7 +130,7 @@ pub struct AmqpClient {
     /// Where the connection lives and every AMQP operation runs; started on first connect.
     /// (Declared after `state`: dropping the client drops the connection's handles first, then
     /// stops the thread.)
-    io: OnceLock<AmqpThread>,
+    io: OnceLock<Arc<AmqpThread>>,
 }
 
 /// The thread a client's AMQP connection lives on: a single-threaded runtime that runs
@@ -154,11 +154,27 @@ struct AmqpThread {
 }
 
 impl AmqpThread {
-    fn start(endpoint: &str) -> std::io::Result<Self> {
+    /// The thread every client shares: one thread wakes for the batches of all endpoints at
+    /// once (a request's events fan out to several endpoints together), instead of one per
+    /// endpoint; context switches are most of what AMQP delivery costs at moderate rates. It
+    /// stops when the last client using it is dropped, and a new one starts when needed.
+    fn shared() -> std::io::Result<Arc<Self>> {
+        static SHARED: std::sync::Mutex<std::sync::Weak<AmqpThread>> =
+            std::sync::Mutex::new(std::sync::Weak::new());
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(thread) = slot.upgrade() {
+            return Ok(thread);
+        }
+        let thread = Arc::new(Self::start("amqp")?);
+        *slot = Arc::downgrade(&thread);
+        Ok(thread)
+    }
+
+    fn start(name: &str) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new().name(format!("amqp-{endpoint}")).spawn(move || {
+        std::thread::Builder::new().name(name.to_owned()).spawn(move || {
             runtime.block_on(async move {
                 let _ = stopped.await;
                 // Let the detach/end/close the dropped handles asked for go out, within bounds.
@@ -232,7 +248,7 @@ impl AmqpClient {
         if let Some(io) = self.io.get() {
             return Ok(io);
         }
-        let io = AmqpThread::start(&self.config.endpoint).map_err(|e| {
+        let io = AmqpThread::shared().map_err(|e| {
             Failure::Transient(
                 format!("endpoint {}: cannot start the AMQP thread: {e}", self.config.endpoint),
                 None,
