@@ -1,5 +1,8 @@
 # twinroute's container image:  docker build -t twinroute .
+#   openssl rand -hex 32 >ingest-token; openssl rand -hex 32 >admin-token
 #   docker run -d --name twinroute --stop-timeout 45 -v twinroute-state:/var/lib/twinroute \
+#     -v "$PWD/ingest-token:/run/secrets/twinroute-ingest-token:ro" \
+#     -v "$PWD/admin-token:/run/secrets/twinroute-admin-token:ro" \
 #     -p 127.0.0.1:8080:8080 -p 127.0.0.1:8081:8081 twinroute
 # scripts/container performs these steps outside Docker (CI runs it, as there is no Docker engine
 # there): the same build command, the runtime stage's files at the same paths, its user, its
@@ -47,7 +50,8 @@ WORKDIR /var/lib/twinroute
 # state_dir: the admin API's changes and the durable spool.
 VOLUME ["/var/lib/twinroute"]
 # 8080: ingest (POST /events). 8081: admin API (/healthz, /readyz, /metrics, /eventroutes,
-# /endpoints; no authentication yet: publish it on loopback only).
+# /endpoints). Both need their bearer token (the files under /run/secrets, see above), except
+# the probes /healthz and /readyz.
 EXPOSE 8080 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
   CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8081/healthz"]

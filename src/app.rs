@@ -9,6 +9,7 @@ use crate::delivery::spool::{DiskSpool, SpoolOptions};
 use crate::delivery::Dispatcher;
 use crate::identity::{IdentityProvider, ImdsTransport};
 use crate::ingest::{self, http::IngestState, ndjson::NdjsonReport};
+use crate::server::Bound;
 use crate::sinks::{DefaultSinkFactory, SinkFactory};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,6 +41,9 @@ pub struct RunOptions {
     /// Embedded in another command (`loadtest --endpoints`): no listeners and no sources; the
     /// caller submits to [`Running::dispatcher`] itself.
     pub embedded: bool,
+    /// The file the configuration was read from, which reloads read again (`None`: the
+    /// embedded default, never reloaded).
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// What a stop found.
@@ -105,11 +109,16 @@ async fn start_standins(config: &crate::config::StandinsConfig) -> Result<Standi
 
 /// A started daemon.
 pub struct Running {
-    /// Where ingest listens (`None` in `--input` mode).
+    /// Where ingest listens (`None` in `--input` mode, and on a Unix socket).
     pub ingest_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// The Unix sockets, when `listen = "unix:<path>"`.
+    pub ingest_socket: Option<std::path::PathBuf>,
+    pub admin_socket: Option<std::path::PathBuf>,
     pub dispatcher: Arc<Dispatcher>,
     pub control: Arc<ControlPlane>,
+    /// Reloads the configuration file into the running daemon (`crate::reload::spawn` drives it).
+    pub reloader: Arc<crate::reload::Reloader>,
     drain_deadline: Duration,
     /// The durable spool, when events are kept on disk.
     pub spool: Option<DiskSpool>,
@@ -122,32 +131,11 @@ pub struct Running {
     _standins: Standins,
 }
 
-async fn bind(
-    addr: &str,
-    what: &'static str,
-    key: &'static str,
-) -> Result<tokio::net::TcpListener, StartError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-        what,
-        key,
-        addr: addr.to_owned(),
-        source,
-    })
-}
-
-fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    })
+/// Binds an API's listener as its section says (address or Unix socket, token, TLS, limits).
+async fn bind(listener: crate::config::ListenerView<'_>, origin: &str) -> Result<Bound, StartError> {
+    let settings =
+        listener.settings().map_err(|problems| ConfigError { origin: origin.to_owned(), problems })?;
+    Bound::bind(settings, origin).await
 }
 
 /// Logs, every `period`, what each endpoint delivered since the last line, and any endpoint that
@@ -220,7 +208,7 @@ impl Running {
             dispatcher = dispatcher.with_queues(Arc::new(spool.clone()));
         }
         let dispatcher = Arc::new(dispatcher);
-        let control = match ControlPlane::start(&config, dispatcher.clone(), identity).await {
+        let control = match ControlPlane::start(&config, dispatcher.clone(), identity.clone()).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 if let Some(spool) = &spool {
@@ -241,6 +229,7 @@ impl Running {
         let mut servers = Vec::new();
         let mut sources = Vec::new();
         let (mut ingest_addr, mut admin_addr) = (None, None);
+        let (mut ingest_socket, mut admin_socket) = (None, None);
         let mut input = None;
         if let Some(path) = options.input {
             let dispatcher = dispatcher.clone();
@@ -257,16 +246,17 @@ impl Running {
                 }
             }));
         } else if !options.embedded {
-            let ingest_listener = bind(&config.ingest.listen, "ingest", "ingest.listen").await?;
-            let admin_listener = bind(&config.admin.listen, "admin API", "admin.listen").await?;
-            ingest_addr = ingest_listener.local_addr().ok();
-            admin_addr = admin_listener.local_addr().ok();
+            let ingest_listener = bind(config.ingest.listener(), &config.origin).await?;
+            let admin_listener = bind(config.admin.listener(), &config.origin).await?;
+            (ingest_addr, admin_addr) = (ingest_listener.tcp_addr(), admin_listener.tcp_addr());
+            ingest_socket = ingest_listener.socket_path().map(ToOwned::to_owned);
+            admin_socket = admin_listener.socket_path().map(ToOwned::to_owned);
             let ingest_state =
                 IngestState { dispatcher: dispatcher.clone(), limits: Arc::new(config.ingest.clone()) };
-            servers.push(serve(ingest_listener, ingest::http::router(ingest_state), stop_rx.clone()));
+            servers.push(ingest_listener.serve(ingest::http::router(ingest_state), stop_rx.clone()));
             let admin_state = AdminState { control: control.clone(), dispatcher: dispatcher.clone() };
-            servers.push(serve(admin_listener, admin::router(admin_state), stop_rx.clone()));
-            tracing::info!(ingest = ?ingest_addr, admin = ?admin_addr, "listening");
+            servers.push(admin_listener.serve(admin::router(admin_state), stop_rx.clone()));
+            tracing::info!(ingest = ?ingest_addr, admin = ?admin_addr, ingest_socket = ?ingest_socket, admin_socket = ?admin_socket, "listening");
             for (name, source) in &config.sources {
                 let dispatcher = dispatcher.clone();
                 let name = name.clone();
@@ -299,12 +289,16 @@ impl Running {
             let period = Duration::from_secs(config.log.summary_interval_seconds);
             sources.push(tokio::spawn(summarize(dispatcher.clone(), period)));
         }
+        let reloader =
+            Arc::new(crate::reload::Reloader::new(&config, options.config_file.clone(), control.clone()));
         let routes = control.routes().await.len();
         let endpoints = control.endpoints().await.len();
         tracing::info!(config = %config.origin, routes, endpoints, "twinroute started");
         Ok(Running {
             ingest_addr,
             admin_addr,
+            ingest_socket,
+            admin_socket,
             dispatcher,
             control,
             drain_deadline: config.delivery.shutdown_timeout(),
@@ -313,8 +307,24 @@ impl Running {
             servers,
             sources,
             input,
+            reloader,
             _standins: standins,
         })
+    }
+
+    /// Where ingest and the admin API listen, for status lines: `ingest 127.0.0.1:8080, admin
+    /// unix:/run/twinroute/admin.sock` (`-` for none).
+    pub fn listening(&self) -> String {
+        let show = |addr: Option<SocketAddr>, socket: &Option<std::path::PathBuf>| match (addr, socket) {
+            (Some(a), _) => a.to_string(),
+            (None, Some(p)) => format!("unix:{}", p.display()),
+            (None, None) => "-".to_owned(),
+        };
+        format!(
+            "ingest {}, admin {}",
+            show(self.ingest_addr, &self.ingest_socket),
+            show(self.admin_addr, &self.admin_socket)
+        )
     }
 
     /// In `--input` mode: waits until the whole input has been read and submitted.

@@ -386,7 +386,9 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         let one_shot = input.is_some();
         // The stop may take this long; systemd is told so when it begins (plus closing time).
         let drain_deadline = config.delivery.shutdown_timeout();
-        let running = match Running::start(config, RunOptions { input, ..Default::default() }).await {
+        let options =
+            RunOptions { input, config_file: config_path.map(Path::to_path_buf), ..Default::default() };
+        let running = match Running::start(config, options).await {
             Ok(r) => r,
             Err(e) => {
                 notifier.status(&format!("failed to start: {e}"));
@@ -434,16 +436,17 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
         tokio::pin!(shutdown);
         let signalled = futures::poll!(&mut shutdown).is_ready();
         // Start-up is done: the configuration is loaded and the listeners are bound.
-        let listening = format!(
-            "ingest {}, admin {}",
-            running.ingest_addr.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-            running.admin_addr.map_or_else(|| "-".to_owned(), |a| a.to_string())
-        );
+        let listening = running.listening();
+        // SIGHUP and the watched file reload the configuration (src/reload.rs).
+        let reloads = crate::reload::spawn(running.reloader.clone(), notifier.clone());
         notifier.ready(&format!("ready: {listening}"));
         let keep_alive = tokio::spawn(notifier.clone().keep_alive(running.dispatcher.clone(), listening));
         if !signalled {
             shutdown.await;
         }
+        // No reload once the stop begins (awaited: none is half-way through the dispatcher).
+        reloads.abort();
+        let _ = reloads.await;
         notifier.stopping(
             &format!("stopping: intake closed, draining queues (deadline {}s)", drain_deadline.as_secs()),
             drain_deadline + crate::systemd::STOP_MARGIN,

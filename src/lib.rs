@@ -14,7 +14,9 @@
 //! - [`sinks`]: one folder per destination; each builds its wire form and classifies outcomes.
 //! - [`ingest`]: HTTP `POST /events`, NDJSON files and stdin, the sample generator.
 //! - [`admin`]: ADT-style `/eventroutes` and `/endpoints`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`server`]: the APIs' HTTP servers: TCP, TLS and Unix sockets, bearer tokens, time limits.
 //! - [`app`]: the daemon assembled, started and stopped in order.
+//! - [`reload`]: hot reload of the configuration file (SIGHUP, a watched file), all or nothing.
 //! - [`cli`]: the `twinroute` command line.
 //! - [`systemd`]: the service manager's notifications (`READY=1`, watchdog, `STOPPING=1`).
 //! - [`deadletter_cli`]: `twinroute deadletter list|replay`: dead letters read back and replayed.
@@ -31,7 +33,9 @@ pub mod filter;
 pub mod identity;
 pub mod ingest;
 pub mod loadtest;
+pub mod reload;
 pub mod routing;
+pub mod server;
 pub mod sinks;
 pub mod systemd;
 pub mod telemetry;

@@ -3,8 +3,9 @@
 //!
 //! Under `Type=notify` (`deploy/systemd/twinroute.service`) `twinroute run` sends `READY=1` once
 //! the configuration is loaded and the listeners are bound, `WATCHDOG=1` keep-alives at half of
-//! `WATCHDOG_USEC` (`WatchdogSec=`), `STOPPING=1` when a stop begins, and `STATUS=` lines that
-//! `systemctl status` shows. Without `NOTIFY_SOCKET` every call does nothing. A failed send is
+//! `WATCHDOG_USEC` (`WatchdogSec=`), `STOPPING=1` when a stop begins, `RELOADING=1` (with
+//! `MONOTONIC_USEC=`) when a configuration reload begins and `READY=1` again when it is over, and
+//! `STATUS=` lines that `systemctl status` shows. Without `NOTIFY_SOCKET` every call does nothing. A failed send is
 //! logged at debug level and never stops the daemon: systemd notices a missing `READY=1` or
 //! keep-alive by itself, and acts on it as the unit says.
 
@@ -86,6 +87,11 @@ pub enum State<'a> {
     Ready,
     /// `STOPPING=1`: a stop has begun.
     Stopping,
+    /// `RELOADING=1`: a configuration reload has begun (`READY=1` says it is over).
+    Reloading,
+    /// `MONOTONIC_USEC=`: `CLOCK_MONOTONIC` when the reload began, which systemd wants with
+    /// `RELOADING=1`.
+    MonotonicUsec(u64),
     /// `WATCHDOG=1`: a keep-alive.
     Watchdog,
     /// `STATUS=`: one line for `systemctl status`.
@@ -102,6 +108,8 @@ pub fn message(states: &[State<'_>]) -> String {
         match state {
             State::Ready => text.push_str("READY=1"),
             State::Stopping => text.push_str("STOPPING=1"),
+            State::Reloading => text.push_str("RELOADING=1"),
+            State::MonotonicUsec(usec) => text.push_str(&format!("MONOTONIC_USEC={usec}")),
             State::Watchdog => text.push_str("WATCHDOG=1"),
             State::Status(status) => {
                 text.push_str("STATUS=");
@@ -208,6 +216,11 @@ impl Notifier {
         self.notify(&[State::Stopping, State::Status(status), State::ExtendTimeout(drain)]);
     }
 
+    /// `RELOADING=1` with the time and a status line; [`Notifier::ready`] ends the reload.
+    pub fn reloading(&self, status: &str) {
+        self.notify(&[State::Reloading, State::MonotonicUsec(monotonic_usec()), State::Status(status)]);
+    }
+
     /// A status line alone.
     pub fn status(&self, status: &str) {
         self.notify(&[State::Status(status)]);
@@ -239,6 +252,17 @@ impl Notifier {
             last = status;
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock `MONOTONIC_USEC=` is read against.
+fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } == 0;
+    if !ok {
+        return 0;
+    }
+    (now.tv_sec as u64).saturating_mul(1_000_000).saturating_add(now.tv_nsec as u64 / 1_000)
 }
 
 /// What `systemctl status` shows while twinroute runs: where it listens, endpoints by health and
@@ -303,6 +327,12 @@ mod tests {
         ]);
         assert_eq!(text, "STOPPING=1\nSTATUS=draining queues\nEXTEND_TIMEOUT_USEC=40000000\n");
         assert_eq!(message(&[State::Ready, State::Watchdog]), "READY=1\nWATCHDOG=1\n");
+        assert_eq!(
+            message(&[State::Reloading, State::MonotonicUsec(42)]),
+            "RELOADING=1\nMONOTONIC_USEC=42\n"
+        );
+        let (a, b) = (monotonic_usec(), monotonic_usec());
+        assert!(0 < a && a <= b, "CLOCK_MONOTONIC: {a} then {b}");
     }
 
     #[test]

@@ -8,6 +8,11 @@ use tracing_subscriber::EnvFilter;
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Replaces the log filter of the subscriber [`init_logging`] installed: set only when the filter
+/// came from the configuration (not from `RUST_LOG`), so a reload can change `log.level`.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
 /// Histogram buckets for latencies in seconds: 10 µs to 10 s.
 const LATENCY_BUCKETS: [f64; 14] =
     [1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1, 1.0, 5.0, 10.0];
@@ -65,6 +70,19 @@ fn describe() {
     );
     describe_gauge!("twinroute_endpoint_queue_depth", "Events waiting in an endpoint's queue.");
     describe_counter!(
+        "twinroute_config_reloads_total",
+        "Configuration reloads (SIGHUP or a change of the watched file), by result (ok, refused)."
+    );
+    describe_gauge!(
+        "twinroute_config_last_reload_successful",
+        "1 when the last configuration reload was applied (or none was tried since the start), 0 when it was refused."
+    );
+    describe_gauge!(
+        "twinroute_config_last_reload_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time the configuration in force was loaded (the start, or the last applied reload)."
+    );
+    describe_counter!(
         "twinroute_token_requests_total",
         "Token requests to identity sources, by source and result."
     );
@@ -92,15 +110,38 @@ fn describe() {
 /// Installs the log subscriber. `RUST_LOG`, when set, overrides the configured level.
 /// Returns false when a subscriber was already installed (tests, embedding).
 pub fn init_logging(config: &LogConfig) -> bool {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = EnvFilter::try_from_default_env().ok();
+    // Only a filter that came from the configuration is the configuration's to change.
+    let reloadable = from_env.is_none();
+    let filter =
+        from_env.or_else(|| EnvFilter::try_new(&config.level).ok()).unwrap_or_else(|| EnvFilter::new("info"));
     // Colours only for a person at a terminal, never into files or journald.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match config.format {
-        LogFormat::Human => builder.try_init().is_ok(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init().is_ok(),
+    let (installed, set): (bool, SetFilter) = match config.format {
+        LogFormat::Human => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            (builder.try_init().is_ok(), Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            let handle = builder.reload_handle();
+            (builder.try_init().is_ok(), Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())))
+        }
+    };
+    if installed && reloadable {
+        let _ = LOG_FILTER.set(set);
     }
+    installed
+}
+
+/// Makes `level` (a `tracing` filter, as `log.level`) the log filter from now on. Returns false,
+/// changing nothing, when the filter is not the configuration's to set: `RUST_LOG` chose it, or
+/// the subscriber was not installed by [`init_logging`] (tests, embedding).
+pub fn set_log_level(level: &str) -> Result<bool, String> {
+    let Some(set) = LOG_FILTER.get() else { return Ok(false) };
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("{level:?} is not a log filter ({e})"))?;
+    set(filter).map(|()| true)
 }

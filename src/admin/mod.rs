@@ -4,6 +4,11 @@
 //!
 //! Errors have ADT's body (`{"error": {"code", "message"}}`) and its `x-ms-error-code` header.
 //! `api-version` is accepted as ADT's clients send it; an unknown version is refused.
+//!
+//! With a token (`admin.token`, `admin.token_file`), every request needs it except the probes:
+//! `/healthz`, and `/readyz`, which then tells a caller without the token only whether the
+//! instance is ready, not the endpoints' details (and `/metrics` when
+//! `admin.metrics_unauthenticated = true`). See [`crate::server::auth`].
 
 mod endpoints;
 
@@ -40,7 +45,34 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn(read_body))
         .with_state(state)
+}
+
+/// The largest admin request body: a route or an endpoint's properties are a few kilobytes.
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Reads a request's body before the handler runs, so that a body that is too large (413) or
+/// too slow (408, `admin.body_read_timeout_seconds`) is answered in ADT's shape.
+async fn read_body(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let mut response = if crate::server::is_body_timeout(&e) {
+                error_response(408, "RequestTimeout", e.to_string())
+            } else {
+                error_response(
+                    413,
+                    "RequestTooLarge",
+                    format!("the request body exceeds {MAX_BODY_BYTES} bytes or could not be read"),
+                )
+            };
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// An error answer in ADT's shape.
@@ -231,7 +263,10 @@ struct EndpointHealth {
 /// which one is missing and why); the body also lists every endpoint's health. An unhealthy
 /// endpoint does not make the instance unready: events for the other endpoints still flow, and
 /// the failing one keeps its queue.
-async fn readyz(State(state): State<AdminState>) -> Response {
+async fn readyz(
+    State(state): State<AdminState>,
+    authorized: Option<axum::Extension<crate::server::auth::Authorized>>,
+) -> Response {
     let snapshot = state.dispatcher.snapshot();
     let endpoints: Vec<EndpointHealth> = snapshot
         .endpoints
@@ -262,10 +297,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     } else {
         "ready"
     };
+    // Probes without the admin token learn only the verdict.
+    if authorized.is_some_and(|a| !a.0 .0) {
+        return (status, Json(serde_json::json!({ "status": if ready { "ready" } else { "not ready" } })))
+            .into_response();
+    }
     let body = serde_json::json!({
         "status": label,
         "endpoints": endpoints,
         "missing_tokens": missing,
+        // Where the configuration came from and how its last reload went (src/reload.rs).
+        "config": state.control.config_status(),
     });
     (status, Json(body)).into_response()
 }

@@ -7,6 +7,7 @@
 
 mod connection_string;
 mod endpoint;
+mod listen;
 mod secret;
 
 pub use connection_string::ConnectionString;
@@ -14,6 +15,11 @@ pub use endpoint::{
     validate_endpoint_name, AuthenticationType, BlobFormat, DeadLetter, EndpointConfig, EndpointSpec,
     EndpointTarget, EndpointType, EventGridSchema, Identity, IdentitySpec, Partitioning, ServiceBusEntity,
     SessionIdFrom,
+};
+pub use listen::{
+    deserialize_token, token_problem, ListenAddr, ListenerSettings, ListenerView, SocketMode, TlsFiles,
+    TokenSource, DEFAULT_BODY_READ_TIMEOUT_SECONDS, DEFAULT_HEADER_READ_TIMEOUT_SECONDS,
+    DEFAULT_IDLE_TIMEOUT_SECONDS, DEFAULT_SOCKET_MODE,
 };
 pub use secret::Secret;
 
@@ -80,11 +86,29 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct IngestConfig {
+    /// `address:port` or `unix:<path>`.
     pub listen: String,
     pub max_request_bytes: usize,
     pub max_event_bytes: usize,
     pub max_batch_events: usize,
     pub retry_after_seconds: u64,
+    /// The bearer token producers must send (`TWINROUTE_INGEST__TOKEN`); see [`listen`].
+    #[serde(deserialize_with = "deserialize_token", skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// A file holding the token, re-read when it changes.
+    pub token_file: Option<PathBuf>,
+    /// Beyond loopback without a token: only with this set, deliberately.
+    pub allow_unauthenticated: bool,
+    /// TLS: the certificate chain and private key (PEM).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// A Unix socket's permission bits (`"0660"` by default).
+    pub socket_mode: Option<SocketMode>,
+    /// Time allowed for a request's headers (and a TLS handshake), between requests of a
+    /// kept-alive connection, and for a request's body.
+    pub header_read_timeout_seconds: u64,
+    pub idle_timeout_seconds: u64,
+    pub body_read_timeout_seconds: u64,
 }
 
 impl Default for IngestConfig {
@@ -95,6 +119,15 @@ impl Default for IngestConfig {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             max_batch_events: DEFAULT_MAX_BATCH_EVENTS,
             retry_after_seconds: DEFAULT_RETRY_AFTER_SECONDS,
+            token: None,
+            token_file: None,
+            allow_unauthenticated: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            socket_mode: None,
+            header_read_timeout_seconds: DEFAULT_HEADER_READ_TIMEOUT_SECONDS,
+            idle_timeout_seconds: DEFAULT_IDLE_TIMEOUT_SECONDS,
+            body_read_timeout_seconds: DEFAULT_BODY_READ_TIMEOUT_SECONDS,
         }
     }
 }
@@ -103,9 +136,30 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AdminConfig {
+    /// `address:port` or `unix:<path>`.
     pub listen: String,
     pub max_routes: usize,
     pub max_endpoints: usize,
+    /// The bearer token operators must send (`TWINROUTE_ADMIN__TOKEN`); see [`listen`].
+    #[serde(deserialize_with = "deserialize_token", skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// A file holding the token, re-read when it changes.
+    pub token_file: Option<PathBuf>,
+    /// Beyond loopback without a token: only with this set, deliberately.
+    pub allow_unauthenticated: bool,
+    /// `/metrics` without the token (for scrapers that cannot send one); `/healthz` and
+    /// `/readyz` are always open to probes.
+    pub metrics_unauthenticated: bool,
+    /// TLS: the certificate chain and private key (PEM).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// A Unix socket's permission bits (`"0660"` by default).
+    pub socket_mode: Option<SocketMode>,
+    /// Time allowed for a request's headers (and a TLS handshake), between requests of a
+    /// kept-alive connection, and for a request's body.
+    pub header_read_timeout_seconds: u64,
+    pub idle_timeout_seconds: u64,
+    pub body_read_timeout_seconds: u64,
 }
 
 impl Default for AdminConfig {
@@ -114,6 +168,16 @@ impl Default for AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN.into(),
             max_routes: DEFAULT_MAX_ROUTES,
             max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            token: None,
+            token_file: None,
+            allow_unauthenticated: false,
+            metrics_unauthenticated: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            socket_mode: None,
+            header_read_timeout_seconds: DEFAULT_HEADER_READ_TIMEOUT_SECONDS,
+            idle_timeout_seconds: DEFAULT_IDLE_TIMEOUT_SECONDS,
+            body_read_timeout_seconds: DEFAULT_BODY_READ_TIMEOUT_SECONDS,
         }
     }
 }
@@ -397,6 +461,30 @@ pub struct StandinsConfig {
     pub amqp_listen: Option<String>,
 }
 
+/// How often a watched configuration file is read for changes: an edit takes effect within about
+/// a second, and reading a file of a few kilobytes once a second costs nothing.
+pub const DEFAULT_RELOAD_POLL_INTERVAL_MS: u64 = 1000;
+/// The shortest poll interval accepted: faster polling buys nothing an operator would notice.
+pub const MIN_RELOAD_POLL_INTERVAL_MS: u64 = 100;
+
+/// `[reload]`: hot reload of the configuration file (see `crate::reload`). SIGHUP reloads
+/// whatever these say; they only decide whether the file is also watched.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReloadConfig {
+    /// Reload when the file's content changes. Only a configuration read from a file is
+    /// watched, never the embedded default.
+    pub watch: bool,
+    /// How often the file is read and compared with the configuration in force.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self { watch: true, poll_interval_ms: DEFAULT_RELOAD_POLL_INTERVAL_MS }
+    }
+}
+
 /// A route as written in `[routes.<id>]`, or sent to `PUT /eventroutes/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -502,8 +590,21 @@ pub struct Config {
     pub endpoints: BTreeMap<String, EndpointConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub sources: BTreeMap<String, SourceConfig>,
+    /// `[reload]`: whether the file is watched for changes.
+    pub reload: ReloadConfig,
     /// Where this configuration came from, for messages.
     pub origin: String,
+    /// [`text_digest`] of the text it was parsed from: the file watcher compares the file with it,
+    /// so an edit made while twinroute was starting is not missed.
+    pub digest: u64,
+}
+
+/// A digest of a configuration's text, to notice that a file changed (not a security measure).
+pub fn text_digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Config {
@@ -523,7 +624,7 @@ impl Config {
     }
 }
 
-const TOP_LEVEL_KEYS: [&str; 11] = [
+const TOP_LEVEL_KEYS: [&str; 12] = [
     "state_dir",
     "ingest",
     "admin",
@@ -535,6 +636,7 @@ const TOP_LEVEL_KEYS: [&str; 11] = [
     "endpoints",
     "routes",
     "sources",
+    "reload",
 ];
 
 /// Deserializes one section, reporting unknown keys and type errors with their full path.
@@ -623,7 +725,9 @@ impl Config {
             .build()
             .map_err(|e| fail(vec![e.to_string()]))?;
         let raw: serde_json::Value = layered.try_deserialize().map_err(|e| fail(vec![e.to_string()]))?;
-        Self::from_value(&raw, origin).map_err(fail)
+        let mut config = Self::from_value(&raw, origin).map_err(fail)?;
+        config.digest = text_digest(text);
+        Ok(config)
     }
 
     fn from_value(raw: &serde_json::Value, origin: &str) -> Result<Config, Vec<String>> {
@@ -667,6 +771,13 @@ impl Config {
         }
         let identity: IdentityConfig = section("identity", top.get("identity"), &mut problems);
         let standins: StandinsConfig = section("standins", top.get("standins"), &mut problems);
+        let reload: ReloadConfig = section("reload", top.get("reload"), &mut problems);
+        if reload.poll_interval_ms < MIN_RELOAD_POLL_INTERVAL_MS {
+            problems.push(format!(
+                "reload.poll_interval_ms: {} is too short (at least {MIN_RELOAD_POLL_INTERVAL_MS})",
+                reload.poll_interval_ms
+            ));
+        }
         for (key, listen) in
             [("standins.imds_listen", &standins.imds_listen), ("standins.amqp_listen", &standins.amqp_listen)]
         {
@@ -687,10 +798,9 @@ impl Config {
                 crate::identity::DEFAULT_IMDS_ENDPOINT
             )),
         }
-        for (key, listen) in [("ingest.listen", &ingest.listen), ("admin.listen", &admin.listen)] {
-            if listen.parse::<SocketAddr>().is_err() {
-                problems.push(format!("{key}: {listen:?} is not an address:port (e.g. 127.0.0.1:8080)"));
-            }
+        // Addresses, tokens (required beyond loopback), TLS, socket modes, time limits.
+        for listener in [ingest.listener(), admin.listener()] {
+            problems.extend(listener.settings().err().unwrap_or_default());
         }
         if ingest.max_event_bytes == 0 || ingest.max_request_bytes == 0 || ingest.max_batch_events == 0 {
             problems.push(
@@ -774,7 +884,9 @@ impl Config {
             endpoints,
             routes,
             sources,
+            reload,
             origin: origin.to_owned(),
+            digest: 0,
         })
     }
 }
@@ -846,11 +958,14 @@ mod tests {
     fn environment_overrides_the_file() {
         let env = HashMap::from([
             ("TWINROUTE_INGEST__LISTEN".to_owned(), "0.0.0.0:9999".to_owned()),
+            // Beyond loopback ingest needs a token: from the environment too.
+            ("TWINROUTE_INGEST__TOKEN".to_owned(), "token-from-the-environment".to_owned()),
             ("TWINROUTE_LOG__FORMAT".to_owned(), "json".to_owned()),
             ("TWINROUTE_DELIVERY__QUEUE_CAPACITY".to_owned(), "5".to_owned()),
         ]);
         let c = Config::from_toml("[ingest]\nlisten = \"127.0.0.1:1\"\n", "t", Some(env)).unwrap();
         assert_eq!(c.ingest.listen, "0.0.0.0:9999");
+        assert_eq!(c.ingest.token, Some(Secret::new("token-from-the-environment")));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.delivery.queue_capacity, 5);
     }

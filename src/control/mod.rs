@@ -5,6 +5,12 @@
 //! over them. The state file (`<state_dir>/control-plane.json`) holds only those changes: an
 //! object per name that the API created or replaced, and `null` for one it deleted. So editing
 //! the file still takes effect for everything the API has not touched.
+//!
+//! A configuration reload ([`ControlPlane::reload`], driven by `crate::reload`) replaces the
+//! file's part. The file is the source of truth for what it declares: when a reload changes the
+//! file's declaration of a name (adds, changes or removes it), an API change to that name is
+//! dropped from the state file, with a warning naming it; API changes to names the reload did not
+//! touch stay in force.
 
 use crate::config::{
     validate_endpoint_name, validate_route_id, Config, ConfigError, EndpointConfig, EndpointSpec,
@@ -17,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -75,8 +82,115 @@ pub struct ControlPlane {
     /// Checks that this host can act as an endpoint's identity, and fetches its tokens early.
     identity: Arc<IdentityProvider>,
     state_file: Option<PathBuf>,
-    max_routes: usize,
-    max_endpoints: usize,
+    /// `admin.max_routes` and `admin.max_endpoints`; a reload may change them.
+    max_routes: AtomicUsize,
+    max_endpoints: AtomicUsize,
+    /// Where the configuration came from and how its last reload went, for `/readyz`
+    /// (kept here, beside what is in force; written by `crate::reload`).
+    config_status: std::sync::Mutex<crate::reload::ConfigStatus>,
+}
+
+/// What a reload changed in the routes and endpoints in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadChanges {
+    pub endpoints: NameChanges,
+    pub routes: NameChanges,
+    /// One message per change made through the admin API that the file's new declaration
+    /// replaced (dropped from the state file): each is logged as a warning.
+    pub overridden: Vec<String>,
+}
+
+/// Names added, changed and removed, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameChanges {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl NameChanges {
+    fn between<T>(
+        old: &BTreeMap<String, T>,
+        new: &BTreeMap<String, T>,
+        same: impl Fn(&T, &T) -> bool,
+    ) -> Self {
+        let mut changes = NameChanges::default();
+        for (name, value) in new {
+            match old.get(name) {
+                None => changes.added.push(name.clone()),
+                Some(before) if !same(before, value) => changes.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old.keys().filter(|n| !new.contains_key(*n)).cloned().collect();
+        changes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl std::fmt::Display for NameChanges {
+    /// `added a, b; changed c; removed d`, or `unchanged`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> =
+            [("added", &self.added), ("changed", &self.changed), ("removed", &self.removed)]
+                .into_iter()
+                .filter(|(_, names)| !names.is_empty())
+                .map(|(what, names)| format!("{what} {}", names.join(", ")))
+                .collect();
+        if parts.is_empty() {
+            f.write_str("unchanged")
+        } else {
+            f.write_str(&parts.join("; "))
+        }
+    }
+}
+
+fn same_route(a: &RouteConfig, b: &RouteConfig) -> bool {
+    a.endpoint_name == b.endpoint_name && a.filter == b.filter
+}
+
+/// Drops from `overlay` every API change to a name whose declaration in the file changed between
+/// `old_base` and `new_base` (added, changed or removed): the file is the source of truth for what
+/// it declares. Returns a message for each dropped change that the file did not simply agree with.
+fn reconcile<T, S>(
+    kind: &str,
+    old_base: &BTreeMap<String, T>,
+    new_base: &BTreeMap<String, T>,
+    overlay: &mut BTreeMap<String, Option<S>>,
+    same: impl Fn(&T, &T) -> bool,
+    agrees: impl Fn(&str, &S, &T) -> bool,
+) -> Vec<String> {
+    let mut messages = Vec::new();
+    overlay.retain(|name, api| {
+        let file_changed = match (old_base.get(name), new_base.get(name)) {
+            (Some(a), Some(b)) => !same(a, b),
+            (None, None) => false,
+            _ => true,
+        };
+        if !file_changed {
+            return true;
+        }
+        match (api, new_base.get(name)) {
+            (Some(spec), Some(file)) if !agrees(name, spec, file) => messages.push(format!(
+                "{kind} {name}: the configuration file changed it, and its version replaces the one \
+                 set through the admin API"
+            )),
+            (Some(_), None) => messages.push(format!(
+                "{kind} {name}: the configuration file removed it, so the version set through the \
+                 admin API is removed too"
+            )),
+            (None, Some(_)) => messages.push(format!(
+                "{kind} {name}: deleted through the admin API, it is back because the configuration \
+                 file changed it"
+            )),
+            _ => {}
+        }
+        false
+    });
+    messages
 }
 
 fn routes_for_table(routes: &BTreeMap<String, RouteConfig>) -> Vec<Route> {
@@ -115,26 +229,7 @@ impl ControlPlane {
         if !problems.is_empty() {
             return Err(fail(origin, problems));
         }
-        let unsupported: Vec<String> = state
-            .endpoints
-            .values()
-            .filter(|e| !dispatcher.factory().supports(e))
-            .map(|e| {
-                format!(
-                    "endpoints.{}: {} endpoints are not supported by this build of twinroute yet \
-                     (File and Stdout are)",
-                    e.name, e.endpoint_type
-                )
-            })
-            .collect();
-        let mut unsupported = unsupported;
-        for e in state.endpoints.values() {
-            if let Some(id) = &e.identity {
-                if let Err(why) = identity.check(&ManagedIdentityId::from(id)) {
-                    unsupported.push(format!("endpoints.{}.identity: {why}", e.name));
-                }
-            }
-        }
+        let unsupported = undeliverable(&dispatcher, &identity, &state.endpoints);
         if !unsupported.is_empty() {
             return Err(fail(origin, unsupported));
         }
@@ -151,9 +246,108 @@ impl ControlPlane {
             dispatcher,
             identity,
             state_file,
-            max_routes: config.admin.max_routes,
-            max_endpoints: config.admin.max_endpoints,
+            max_routes: AtomicUsize::new(config.admin.max_routes),
+            max_endpoints: AtomicUsize::new(config.admin.max_endpoints),
+            config_status: Default::default(),
         })
+    }
+
+    /// Makes a reloaded configuration's endpoints, routes and `[delivery]` defaults the file's
+    /// part of what is in force, keeping API changes to what the file did not change (see the
+    /// module's documentation). Checked completely first; on any problem nothing changes and
+    /// every problem is returned. In-flight events of a changed or removed endpoint are delivered
+    /// with the configuration they were accepted under (see [`Dispatcher::apply`]).
+    pub async fn reload(&self, config: &Config) -> Result<ReloadChanges, Vec<String>> {
+        let mut state = self.state.lock().await;
+        if !self.dispatcher.is_open() {
+            return Err(vec!["twinroute is shutting down".to_owned()]);
+        }
+        let mut overlay = state.overlay.clone();
+        let mut overridden = reconcile(
+            "endpoint",
+            &state.base_endpoints,
+            &config.endpoints,
+            &mut overlay.endpoints,
+            |a, b| a == b,
+            |name, spec, file| spec.validate(name).is_ok_and(|e| e == *file),
+        );
+        overridden.extend(reconcile(
+            "route",
+            &state.base_routes,
+            &config.routes,
+            &mut overlay.routes,
+            same_route,
+            |id, spec, file| spec.validate(id).is_ok_and(|r| same_route(&r, file)),
+        ));
+        let mut next = State {
+            base_endpoints: config.endpoints.clone(),
+            base_routes: config.routes.clone(),
+            overlay,
+            endpoints: BTreeMap::new(),
+            routes: BTreeMap::new(),
+        };
+        let mut problems = next.recompute();
+        problems.extend(undeliverable(&self.dispatcher, &self.identity, &next.endpoints));
+        if next.endpoints.len() > config.admin.max_endpoints {
+            problems.push(format!(
+                "endpoints: {} in force (the file's with the API's changes), more than admin.max_endpoints = {}",
+                next.endpoints.len(),
+                config.admin.max_endpoints
+            ));
+        }
+        if next.routes.len() > config.admin.max_routes {
+            problems.push(format!(
+                "routes: {} in force (the file's with the API's changes), more than admin.max_routes = {}",
+                next.routes.len(),
+                config.admin.max_routes
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let changes = ReloadChanges {
+            endpoints: NameChanges::between(&state.endpoints, &next.endpoints, |a, b| a == b),
+            routes: NameChanges::between(&state.routes, &next.routes, same_route),
+            overridden,
+        };
+        let defaults = self.dispatcher.defaults();
+        self.dispatcher
+            .apply_with_defaults(&config.delivery, &next.endpoints, routes_for_table(&next.routes))
+            .await
+            .map_err(|e| vec![e.to_string()])?;
+        if next.overlay != state.overlay {
+            if let Some(path) = &self.state_file {
+                if let Err(e) = store_overlay(path, &next.overlay) {
+                    // Put the dispatcher back as it was: nothing changed.
+                    let restored = self
+                        .dispatcher
+                        .apply_with_defaults(&defaults, &state.endpoints, routes_for_table(&state.routes))
+                        .await;
+                    if let Err(r) = restored {
+                        tracing::error!(error = %r, "restoring the previous configuration after a failed save also failed");
+                    }
+                    return Err(vec![format!(
+                        "{}: the API changes the new file replaces could not be removed: {e}",
+                        path.display()
+                    )]);
+                }
+            }
+        }
+        self.identity.warm(&next.endpoints.values().cloned().collect::<Vec<_>>());
+        self.max_routes.store(config.admin.max_routes, Ordering::Relaxed);
+        self.max_endpoints.store(config.admin.max_endpoints, Ordering::Relaxed);
+        *state = next;
+        Ok(changes)
+    }
+
+    /// Where the configuration came from and how its last reload went.
+    pub fn config_status(&self) -> crate::reload::ConfigStatus {
+        self.config_status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Updates [`ControlPlane::config_status`].
+    pub(crate) fn update_config_status(&self, update: impl FnOnce(&mut crate::reload::ConfigStatus)) {
+        update(&mut self.config_status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// Routes in force, by id.
@@ -197,13 +391,13 @@ impl ControlPlane {
             .validate(id)
             .map_err(|problems| ControlError::new(400, "EventRouteFilterInvalid", problems.join("\n")))?;
         let exists = state.routes.contains_key(id);
-        if !exists && state.routes.len() >= self.max_routes {
+        let max_routes = self.max_routes.load(Ordering::Relaxed);
+        if !exists && state.routes.len() >= max_routes {
             return Err(ControlError::new(
                 400,
                 "LimitExceeded",
                 format!(
-                    "the maximum number of event routes ({}) has been reached (admin.max_routes)",
-                    self.max_routes
+                    "the maximum number of event routes ({max_routes}) has been reached (admin.max_routes)"
                 ),
             ));
         }
@@ -270,13 +464,13 @@ impl ControlPlane {
                     ),
                 ));
             }
-        } else if state.endpoints.len() >= self.max_endpoints {
+        } else if state.endpoints.len() >= self.max_endpoints.load(Ordering::Relaxed) {
             return Err(ControlError::new(
                 400,
                 "LimitExceeded",
                 format!(
                     "the maximum number of endpoints ({}) has been reached (admin.max_endpoints)",
-                    self.max_endpoints
+                    self.max_endpoints.load(Ordering::Relaxed)
                 ),
             ));
         }
@@ -359,6 +553,30 @@ impl ControlPlane {
         );
         Ok(())
     }
+}
+
+/// Every endpoint this build cannot deliver to, or whose managed identity this host cannot act as.
+fn undeliverable(
+    dispatcher: &Dispatcher,
+    identity: &IdentityProvider,
+    endpoints: &BTreeMap<String, EndpointConfig>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for e in endpoints.values() {
+        if !dispatcher.factory().supports(e) {
+            problems.push(format!(
+                "endpoints.{}: {} endpoints are not supported by this build of twinroute yet \
+                 (File and Stdout are)",
+                e.name, e.endpoint_type
+            ));
+        }
+        if let Some(id) = &e.identity {
+            if let Err(why) = identity.check(&ManagedIdentityId::from(id)) {
+                problems.push(format!("endpoints.{}.identity: {why}", e.name));
+            }
+        }
+    }
+    problems
 }
 
 pub fn route_not_found(id: &str) -> ControlError {
@@ -470,4 +688,83 @@ fn store_overlay(path: &Path, overlay: &Overlay) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        entries.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    /// Runs `reconcile` over numbers standing for declarations (the API's "spec" is the number it
+    /// would validate to).
+    fn run(
+        old: &[(&str, u32)],
+        new: &[(&str, u32)],
+        overlay: &[(&str, Option<u32>)],
+    ) -> (Vec<String>, Vec<String>) {
+        let mut overlay: BTreeMap<String, Option<u32>> =
+            overlay.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        let messages = reconcile(
+            "endpoint",
+            &map(old),
+            &map(new),
+            &mut overlay,
+            |a, b| a == b,
+            |_, api, file| api == file,
+        );
+        (overlay.into_keys().collect(), messages)
+    }
+
+    #[test]
+    fn api_changes_to_what_the_file_did_not_change_stay() {
+        let (kept, messages) = run(
+            &[("a", 1), ("b", 1)],
+            &[("a", 1), ("b", 1), ("new", 1)],
+            &[("a", Some(5)), ("b", None), ("api-only", Some(7))],
+        );
+        assert_eq!(kept, ["a", "api-only", "b"]);
+        assert!(messages.is_empty(), "{messages:?}");
+    }
+
+    #[test]
+    fn the_file_wins_for_what_it_changed_and_says_so() {
+        let (kept, messages) = run(
+            &[("changed", 1), ("removed", 1), ("revived", 1), ("gone", 1), ("agreed", 1)],
+            &[("changed", 2), ("revived", 2), ("added", 3), ("agreed", 9)],
+            &[
+                ("changed", Some(5)),
+                ("removed", Some(5)),
+                ("revived", None),
+                ("gone", None),
+                ("added", Some(4)),
+                ("agreed", Some(9)),
+            ],
+        );
+        assert!(kept.is_empty(), "every change the file touched is dropped: {kept:?}");
+        let text = messages.join("\n");
+        for needle in [
+            "endpoint changed: the configuration file changed it, and its version replaces the one set through the admin API",
+            "endpoint added: the configuration file changed it",
+            "endpoint removed: the configuration file removed it, so the version set through the admin API is removed too",
+            "endpoint revived: deleted through the admin API, it is back",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        // Deleted both ways, or the file now says what the API said: nothing to warn about.
+        assert_eq!(messages.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn name_changes_are_listed_in_order() {
+        let changes = NameChanges::between(
+            &map(&[("a", 1), ("b", 1), ("c", 1)]),
+            &map(&[("a", 2), ("c", 1), ("d", 1)]),
+            |x, y| x == y,
+        );
+        assert_eq!(changes.to_string(), "added d; changed a; removed b");
+        assert_eq!(NameChanges::default().to_string(), "unchanged");
+    }
 }

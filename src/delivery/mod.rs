@@ -169,6 +169,9 @@ impl EndpointStats {
 /// the worker then drains it and stops.
 pub struct EndpointHandle {
     pub config: EndpointConfig,
+    /// The retry and batching settings its worker runs with (the defaults in force when it
+    /// started, with the endpoint's overrides): a reload that changes them replaces the worker.
+    settings: DeliveryConfig,
     queue: Box<dyn queue::QueueWriter>,
     pub stats: Arc<EndpointStats>,
     /// `twinroute_events_routed_total{endpoint}`, looked up once rather than per submission.
@@ -229,8 +232,11 @@ pub struct Dispatcher {
     snapshot: ArcSwap<Snapshot>,
     /// Cleared at shutdown: from then on every submission is refused.
     open: AtomicBool,
-    /// Queue sizes, the byte bound, and the retry and batching defaults endpoints override.
+    /// Queue sizes and the byte bound, fixed for the process's life.
     config: DeliveryConfig,
+    /// The retry and batching defaults endpoints override: `config`'s at first, replaced by
+    /// [`Dispatcher::apply_with_defaults`] (a configuration reload).
+    defaults: ArcSwap<DeliveryConfig>,
     /// Bytes of accepted events not yet done with (all endpoints): the backpressure bound.
     queued_bytes: Arc<AtomicUsize>,
     /// Builds the sink of each new or changed endpoint.
@@ -252,6 +258,7 @@ impl Dispatcher {
                 endpoints: BTreeMap::new(),
             }),
             open: AtomicBool::new(true),
+            defaults: ArcSwap::from_pointee(config.clone()),
             config,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
             factory,
@@ -278,16 +285,52 @@ impl Dispatcher {
         endpoints: &BTreeMap<String, EndpointConfig>,
         routes: Vec<Route>,
     ) -> Result<(), SinkBuildError> {
+        self.apply_inner(self.defaults.load_full(), endpoints, routes).await
+    }
+
+    /// [`Dispatcher::apply`] with new retry and batching defaults (`[delivery]` of a reloaded
+    /// configuration; its queue sizes and byte bound are ignored: they need a restart). Endpoints
+    /// whose effective settings change get a new worker; the old one drains what it had with
+    /// the settings those events were accepted under. On error nothing changes.
+    pub async fn apply_with_defaults(
+        &self,
+        defaults: &DeliveryConfig,
+        endpoints: &BTreeMap<String, EndpointConfig>,
+        routes: Vec<Route>,
+    ) -> Result<(), SinkBuildError> {
+        let defaults = Arc::new(DeliveryConfig {
+            queue_capacity: self.config.queue_capacity,
+            max_queued_bytes: self.config.max_queued_bytes,
+            shutdown_timeout_seconds: self.config.shutdown_timeout_seconds,
+            ..defaults.clone()
+        });
+        self.apply_inner(defaults.clone(), endpoints, routes).await?;
+        self.defaults.store(defaults);
+        Ok(())
+    }
+
+    /// The retry and batching defaults in force (see [`Dispatcher::apply_with_defaults`]).
+    pub fn defaults(&self) -> Arc<DeliveryConfig> {
+        self.defaults.load_full()
+    }
+
+    async fn apply_inner(
+        &self,
+        defaults: Arc<DeliveryConfig>,
+        endpoints: &BTreeMap<String, EndpointConfig>,
+        routes: Vec<Route>,
+    ) -> Result<(), SinkBuildError> {
         let current = self.snapshot.load_full();
         let mut handles = BTreeMap::new();
         let mut started = Vec::new();
         for (name, config) in endpoints {
+            let settings = defaults.with(config.spec.delivery.as_ref());
             let handle = match current.endpoints.get(name) {
-                Some(h) if h.config == *config => h.clone(),
+                Some(h) if h.config == *config && h.settings == settings => h.clone(),
                 _ => {
                     let sink = self.factory.build(config).await?;
                     let dead_letters = self.factory.dead_letters(config).await?;
-                    let (handle, worker) = self.start_endpoint(config.clone(), sink, dead_letters);
+                    let (handle, worker) = self.start_endpoint(config.clone(), settings, sink, dead_letters);
                     started.push(worker);
                     handle
                 }
@@ -313,6 +356,7 @@ impl Dispatcher {
     fn start_endpoint(
         &self,
         config: EndpointConfig,
+        settings: DeliveryConfig,
         sink: Arc<dyn Sink>,
         dead_letters: Option<Arc<dyn deadletter::DeadLetterStore>>,
     ) -> (Arc<EndpointHandle>, Worker) {
@@ -321,7 +365,6 @@ impl Dispatcher {
         // Events a durable queue kept from an earlier run count as queued for this endpoint.
         stats.queued.store(reader.len() as u64, Ordering::Relaxed);
         let name = config.name.clone();
-        let settings = self.config.with(config.spec.delivery.as_ref());
         let context = worker::WorkerContext {
             name: name.clone(),
             sink,
@@ -339,7 +382,7 @@ impl Dispatcher {
         let task = tokio::spawn(worker::run(context, reader));
         let routed = metrics::counter!("twinroute_events_routed_total", "endpoint" => name.clone());
         (
-            Arc::new(EndpointHandle { config, queue: writer, stats: stats.clone(), routed }),
+            Arc::new(EndpointHandle { config, settings, queue: writer, stats: stats.clone(), routed }),
             (name, stats, task),
         )
     }

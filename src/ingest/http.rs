@@ -7,6 +7,10 @@
 //! | body over `max_request_bytes`, an event over `max_event_bytes`, more than `max_batch_events` | 413 |
 //! | a content type that is none of the three modes | 415 |
 //! | a queue is full, or twinroute is shutting down | 503 with `Retry-After` |
+//! | the body did not arrive within `body_read_timeout_seconds` | 408 (the connection is closed) |
+//!
+//! Without the bearer token, when ingest has one, every request but `/healthz` is answered 401
+//! before its body is read ([`crate::server::auth`]).
 
 use super::{ErrorBody, ErrorDetail};
 use crate::config::IngestConfig;
@@ -93,6 +97,12 @@ async fn post_events(State(state): State<IngestState>, headers: HeaderMap, body:
     }
     let bytes = match axum::body::to_bytes(body, limits.max_request_bytes).await {
         Ok(b) => b,
+        Err(e) if crate::server::is_body_timeout(&e) => {
+            let mut response =
+                reject(StatusCode::REQUEST_TIMEOUT, "RequestTimeout", "body_timeout", e.to_string());
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         Err(_) => return too_large_request(limits),
     };
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("\u{fffd}"));

@@ -225,11 +225,12 @@ async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
     }
     if let Some(path) = &args.chart {
         let baseline_path = sibling(path, "-baseline");
-        let title = format!("twinroute ({:?} spool), {}", report.spool, report.scenario);
+        let key = if options_by_twin(&report.scenario) { "twin id" } else { "none" };
+        let title = format!("twinroute, {:?} spool, partition key {key}", report.spool).to_lowercase();
         if let Err(code) = write(path, super::chart::svg(&title, &report.twinroute.timeline)) {
             return code;
         }
-        let title = format!("baseline: SDK straight to the stand-in, {}", report.scenario);
+        let title = format!("baseline: the SDK straight to the stand-in, partition key {key}");
         if let Err(code) = write(&baseline_path, super::chart::svg(&title, &report.baseline.timeline)) {
             return code;
         }
@@ -254,6 +255,11 @@ async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Whether the scenario's event hubs use the twin id as partition key.
+fn options_by_twin(scenario: &str) -> bool {
+    scenario.contains("partition key twin id")
 }
 
 /// `dir/name<suffix>.ext` next to `path`.

@@ -293,8 +293,12 @@ impl Histograms {
         }
     }
 
-    fn record(&mut self, micros: u64) {
-        let _ = self.total.record(micros);
+    /// Records in the interval (the timeline shows everything) and, when `measured` (past the
+    /// warm-up), in the total.
+    fn record(&mut self, micros: u64, measured: bool) {
+        if measured {
+            let _ = self.total.record(micros);
+        }
         let _ = self.interval.record(micros);
     }
 
@@ -330,9 +334,7 @@ impl Receipts {
         for stamp in stamps {
             state.1 += 1;
             if let Some(sent) = stamp.and_then(|s| s.parse::<u128>().ok()) {
-                if sent >= from {
-                    state.0.record((now.saturating_sub(sent) / 1000) as u64);
-                }
+                state.0.record((now.saturating_sub(sent) / 1000) as u64, sent >= from);
             }
         }
     }
@@ -417,10 +419,11 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
                 match outcome {
                     SendOutcome::Accepted => {
                         counters.accepted.fetch_add(batch as u64, Ordering::Relaxed);
-                        if sent_at >= measure_from {
-                            let micros = sent_at.elapsed().as_micros() as u64;
-                            latency.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
-                        }
+                        let micros = sent_at.elapsed().as_micros() as u64;
+                        latency
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(micros, sent_at >= measure_from);
                     }
                     SendOutcome::Refused => {
                         counters.refused.fetch_add(batch as u64, Ordering::Relaxed);

@@ -11,4 +11,6 @@ mod event_grid;
 mod helpers;
 mod identity;
 mod ingest;
+mod reload;
+mod security;
 mod systemd;
