@@ -41,6 +41,10 @@ pub struct LoadtestArgs {
     /// With --compare: the twinroute binary to run as the daemon (default: this one).
     #[arg(long, value_name = "PATH", requires = "compare")]
     daemon: Option<PathBuf>,
+    /// A file holding the bearer token the daemon's ingest requires (its first line; the token
+    /// is not taken on the command line, where other users could read it).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["endpoints", "compare"])]
+    token_file: Option<PathBuf>,
     /// The daemon's process id, to read its CPU and memory use from /proc while loading it.
     #[arg(long, conflicts_with_all = ["endpoints", "compare"])]
     pid: Option<u32>,
@@ -160,7 +164,24 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
-        let target = Arc::new(HttpIngest::new(&args.target, options.connections));
+        let mut target = HttpIngest::new(&args.target, options.connections);
+        if let Some(path) = &args.token_file {
+            let token = match std::fs::read_to_string(path) {
+                Ok(text) => text.lines().next().unwrap_or("").trim().to_owned(),
+                Err(e) => {
+                    eprintln!("twinroute: --token-file {}: {e}", path.display());
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            target = match target.with_token(&token) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("twinroute: --token-file {}: {e}", path.display());
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+        }
+        let target = Arc::new(target);
         let observers = Observers { process, progress: !args.quiet, ..Default::default() };
         let mut report = runtime.block_on(super::run(&options, target, observers));
         report.target = args.target.clone();

@@ -234,6 +234,8 @@ pub trait Target: Send + Sync {
 pub struct HttpIngest {
     url: String,
     client: reqwest::Client,
+    /// `Authorization: Bearer …` when the ingest requires a token.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl HttpIngest {
@@ -244,7 +246,16 @@ impl HttpIngest {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("an HTTP client");
-        Self { url: format!("{}/events", base.trim_end_matches('/')), client }
+        Self { url: format!("{}/events", base.trim_end_matches('/')), client, authorization: None }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: &str) -> Result<Self, String> {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the token has characters a header cannot carry".to_owned())?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 }
 
@@ -252,13 +263,12 @@ impl HttpIngest {
 impl Target for HttpIngest {
     async fn send(&self, _connection: usize, events: Vec<serde_json::Value>) -> SendOutcome {
         let body = serde_json::Value::Array(events).to_string();
-        let response = self
-            .client
-            .post(&self.url)
-            .header("content-type", "application/cloudevents-batch+json")
-            .body(body)
-            .send()
-            .await;
+        let mut request =
+            self.client.post(&self.url).header("content-type", "application/cloudevents-batch+json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
+        }
+        let response = request.body(body).send().await;
         match response {
             Ok(r) if r.status() == 202 => SendOutcome::Accepted,
             Ok(r) if r.status() == 503 => SendOutcome::Refused,

@@ -409,3 +409,50 @@ fn loadtest_through_a_configurations_endpoints_delivers_everything() {
     let out = twinroute().args(["loadtest", "--endpoints"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A token-protected ingest: without the token every request fails (401); with `--token-file`
+/// the load goes through, and the token is not echoed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_sends_the_ingest_token_from_a_file() {
+    const TOKEN: &str = "loadtest-ingest-token-5c1d9e";
+    let app = crate::helpers::spawn_app(&format!(
+        "[ingest]\ntoken = \"{TOKEN}\"\n[routes.all]\nendpoint_name = \"hub-a\"\n"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let load = |with_token: bool| {
+        let mut command = twinroute();
+        command.args([
+            "loadtest",
+            "--target",
+            &app.ingest,
+            "--rate",
+            "200",
+            "--duration",
+            "500ms",
+            "--quiet",
+        ]);
+        if with_token {
+            command.arg("--token-file").arg(&token_file);
+        }
+        command
+    };
+    let mut without = load(false);
+    let out = tokio::task::spawn_blocking(move || without.output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP 401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut with = load(true);
+    let out = tokio::task::spawn_blocking(move || with.output().unwrap()).await.unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("100 sent, 100 accepted"), "{stdout}");
+    assert!(!stdout.contains(TOKEN) && !stderr.contains(TOKEN));
+    app.sink("hub-a").wait_for(100).await;
+    app.stop().await;
+}
