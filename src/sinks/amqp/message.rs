@@ -60,6 +60,165 @@ pub fn event_message(event: &CloudEvent, options: &MessageOptions) -> AmqpMessag
     message
 }
 
+/// [`event_message`] encoded, written directly: the same bytes as
+/// `encode(&event_message(event, options))` (a test holds them equal for every attribute,
+/// extension and size form), at a small fraction of the cost. Encoding each event through the
+/// SDK's message types was a third of the daemon's instructions at moderate rates (one message
+/// per twin per batch). Sections: message annotations (the partition key), properties
+/// (message id, content type, group id), application properties, one data section.
+pub fn encode_event(event: &CloudEvent, options: &MessageOptions) -> Vec<u8> {
+    let data = event.data().map(|d| &d.bytes[..]).unwrap_or_default();
+    let mut out = Vec::with_capacity(data.len() + 512);
+    if let Some(key) = &options.partition_key {
+        let mut map = Vec::with_capacity(key.len() + 32);
+        put_text(&mut map, SYM8, SYM32, PARTITION_KEY_ANNOTATION);
+        put_text(&mut map, STR8, STR32, key);
+        put_section(&mut out, 0x72);
+        put_compound(&mut out, MAP8, MAP32, &map, 2);
+    }
+    // Properties: message-id, user-id, to, subject, reply-to, correlation-id, content-type,
+    // content-encoding, absolute-expiry-time, creation-time, group-id; trailing nulls left out.
+    let mut list = Vec::with_capacity(96);
+    put_text(&mut list, STR8, STR32, event.id());
+    let mut count = 1;
+    if event.datacontenttype().is_some() || options.session_id.is_some() {
+        list.extend_from_slice(&[NULL; 5]);
+        match event.datacontenttype() {
+            Some(ct) => put_text(&mut list, SYM8, SYM32, ct),
+            None => list.push(NULL),
+        }
+        count = 7;
+        if let Some(group) = &options.session_id {
+            list.extend_from_slice(&[NULL; 3]);
+            put_text(&mut list, STR8, STR32, group);
+            count = 11;
+        }
+    }
+    put_section(&mut out, 0x73);
+    put_compound(&mut out, LIST8, LIST32, &list, count);
+    let mut map = Vec::with_capacity(512);
+    let mut entries = 0u32;
+    for attribute in Attribute::ALL {
+        if attribute == Attribute::DataContentType {
+            continue;
+        }
+        if let Some(value) = event.attribute(attribute) {
+            put_property_name(&mut map, attribute.name());
+            put_text(&mut map, STR8, STR32, value);
+            entries += 1;
+        }
+    }
+    for (name, value) in event.extensions() {
+        put_property_name(&mut map, name);
+        match value {
+            ExtensionValue::String(s) => put_text(&mut map, STR8, STR32, s),
+            ExtensionValue::Integer(i) => put_long(&mut map, *i),
+            ExtensionValue::Boolean(b) => map.push(if *b { 0x41 } else { 0x42 }),
+        }
+        entries += 1;
+    }
+    put_section(&mut out, 0x74);
+    put_compound(&mut out, MAP8, MAP32, &map, entries * 2);
+    put_section(&mut out, 0x75);
+    put_text_bytes(&mut out, VBIN8, VBIN32, data);
+    out
+}
+
+// AMQP 1.0 encodings (part 1 of the specification), with the size rules of serde_amqp 0.14 (the
+// SDK's encoder): the 8-bit forms up to 254 bytes of content.
+const NULL: u8 = 0x40;
+const VBIN8: u8 = 0xa0;
+const VBIN32: u8 = 0xb0;
+const STR8: u8 = 0xa1;
+const STR32: u8 = 0xb1;
+const SYM8: u8 = 0xa3;
+const SYM32: u8 = 0xb3;
+const LIST8: u8 = 0xc0;
+const LIST32: u8 = 0xd0;
+const MAP8: u8 = 0xc1;
+const MAP32: u8 = 0xd1;
+
+/// A section's descriptor (`0x00`, smallulong code).
+fn put_section(out: &mut Vec<u8>, code: u8) {
+    out.extend_from_slice(&[0x00, 0x53, code]);
+}
+
+fn put_text(out: &mut Vec<u8>, short: u8, long: u8, text: &str) {
+    put_text_bytes(out, short, long, text.as_bytes());
+}
+
+fn put_text_bytes(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) {
+    if bytes.len() < 255 {
+        out.extend_from_slice(&[short, bytes.len() as u8]);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    }
+    out.extend_from_slice(bytes);
+}
+
+/// `cloudEvents:<name>` as a str8/str32 map key.
+fn put_property_name(out: &mut Vec<u8>, name: &str) {
+    const PREFIX: &[u8] = b"cloudEvents:";
+    let len = PREFIX.len() + name.len();
+    if len < 255 {
+        out.extend_from_slice(&[STR8, len as u8]);
+    } else {
+        out.push(STR32);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(PREFIX);
+    out.extend_from_slice(name.as_bytes());
+}
+
+fn put_long(out: &mut Vec<u8>, value: i64) {
+    if (-128..=127).contains(&value) {
+        out.extend_from_slice(&[0x55, value as u8]);
+    } else {
+        out.push(0x81);
+        out.extend_from_slice(&value.to_be_bytes());
+    }
+}
+
+/// A list or map: its content (already encoded) and element count.
+fn put_compound(out: &mut Vec<u8>, short: u8, long: u8, content: &[u8], count: u32) {
+    if content.is_empty() && short == LIST8 {
+        out.push(0x45);
+        return;
+    }
+    if content.len() < 255 {
+        out.extend_from_slice(&[short, content.len() as u8 + 1, count as u8]);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&(content.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+    }
+    out.extend_from_slice(content);
+}
+
+/// The envelope of a batch whose first event is `first`: what [`batch_envelope`] makes of
+/// `event_message(first, options)`, without building the first event's application
+/// properties and body only to drop them.
+pub fn envelope_for(first: &CloudEvent, options: &MessageOptions, encoded: Vec<Vec<u8>>) -> AmqpMessage {
+    let mut builder = AmqpMessage::builder().with_properties(AmqpMessageProperties {
+        message_id: Some(first.id().to_owned().into()),
+        content_type: first.datacontenttype().map(AmqpSymbol::from),
+        group_id: options.session_id.clone(),
+        ..Default::default()
+    });
+    if let Some(key) = &options.partition_key {
+        let mut annotations = azure_core_amqp::message::AmqpAnnotations::new();
+        annotations.insert(
+            azure_core_amqp::message::AmqpAnnotationKey::Symbol(AmqpSymbol::from(PARTITION_KEY_ANNOTATION)),
+            azure_core_amqp::AmqpValue::String(key.clone()),
+        );
+        builder = builder.with_message_annotations(annotations);
+    }
+    let mut envelope = builder.build();
+    envelope.set_message_body(AmqpMessageBody::Binary(encoded));
+    envelope
+}
+
 /// Bytes a message adds to a batch: its encoding plus the Data section header around it
 /// (5 bytes under 256 bytes, 8 above, as the Event Hubs SDK counts).
 pub fn batched_size(encoded_len: usize) -> usize {
@@ -146,5 +305,65 @@ mod tests {
         assert_eq!(envelope.body, AmqpMessageBody::Binary(vec![encoded.clone(), encoded]));
         assert!(envelope.message_annotations.is_some());
         assert!(envelope.application_properties.is_none());
+    }
+}
+
+#[cfg(test)]
+mod direct_encoding {
+    use super::*;
+    use crate::event::parse_structured;
+
+    fn options() -> [MessageOptions; 4] {
+        [
+            MessageOptions::default(),
+            MessageOptions { partition_key: Some("room-1".into()), session_id: None },
+            MessageOptions { partition_key: None, session_id: Some("room-1".into()) },
+            MessageOptions { partition_key: Some("k".repeat(300)), session_id: Some("é".repeat(200)) },
+        ]
+    }
+
+    fn same_bytes(event: &CloudEvent) {
+        for o in options() {
+            let expected = encode(&event_message(event, &o)).unwrap();
+            assert_eq!(
+                encode_event(event, &o),
+                expected,
+                "{} with {o:?}",
+                String::from_utf8_lossy(&event.to_structured_json())
+            );
+            let envelope = envelope_for(event, &o, vec![expected.clone()]);
+            assert_eq!(
+                encode(&envelope).unwrap(),
+                encode(&batch_envelope(&event_message(event, &o), vec![expected])).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_bytes_as_the_sdk_for_the_sample_stream() {
+        let mut generator = crate::ingest::sample::SampleGenerator::new(20, 3);
+        for _ in 0..300 {
+            same_bytes(&generator.next_event());
+        }
+    }
+
+    #[test]
+    fn the_same_bytes_as_the_sdk_for_every_form() {
+        let long = "x".repeat(254);
+        let longer = "y".repeat(255);
+        let cases = [
+            // Minimal: no data, no content type, no subject.
+            r#"{"specversion":"1.0","id":"1","type":"t","source":"s"}"#.to_owned(),
+            // Extensions of every kind and integer size, binary data, unicode.
+            r#"{"specversion":"1.0","id":"ü-1","type":"t","source":"s","e1":0,"e2":127,"e3":128,"e4":-128,"e5":-129,"e6":9007199254740991,"e7":true,"e8":false,"e9":"v","data_base64":"AAEC"}"#.to_owned(),
+            // Strings at the 8-bit limit and just past it; data just below and above 255 bytes.
+            format!(r#"{{"specversion":"1.0","id":"{long}","type":"{longer}","source":"s","subject":"{longer}","datacontenttype":"application/json","data":"{long}"}}"#),
+            format!(r#"{{"specversion":"1.0","id":"2","type":"t","source":"s","datacontenttype":"text/plain","data":"{}"}}"#, "z".repeat(100_000)),
+            // Application properties past 255 bytes in total (map32), many extensions.
+            format!(r#"{{"specversion":"1.0","id":"3","type":"t","source":"s",{}"data":{{"a":1}}}}"#, (0..40).map(|i| format!(r#""ext{i}":"value-{i}","#)).collect::<String>()),
+        ];
+        for case in &cases {
+            same_bytes(&parse_structured(case.as_bytes()).unwrap_or_else(|e| panic!("{case}: {e:?}")));
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod message;
 
 use crate::config::ConnectionString;
 use crate::delivery::Envelope;
+use crate::event::CloudEvent;
 use crate::identity::sas::{self, DEFAULT_SAS_VALIDITY, SAS_TOKEN_TYPE};
 use crate::identity::{provider::required_role, CachedCredential, Token};
 use crate::sinks::DeliveryOutcome;
@@ -16,7 +17,7 @@ use azure_core_amqp::{
     AmqpConnectionOptions, AmqpError, AmqpMessage, AmqpSendOptions, AmqpSendOutcome, AmqpSender,
     AmqpSenderApis, AmqpSession, AmqpSessionApis,
 };
-use message::{batch_envelope, batched_size, encode, event_message, MessageOptions};
+use message::{batched_size, encode_event, envelope_for, MessageOptions};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -578,18 +579,11 @@ fn plan_group(
     let mut oversized = Vec::new();
     let mut pending: Vec<Vec<u8>> = Vec::new();
     let mut pending_at: Vec<usize> = Vec::new();
-    let mut first = None;
+    let mut first: Option<&CloudEvent> = None;
     let mut size = 0usize;
     for &i in positions {
         let event = &batch[i].event;
-        let message = event_message(event, options);
-        let encoded = match encode(&message) {
-            Ok(e) => e,
-            Err(reason) => {
-                oversized.push((i, reason));
-                continue;
-            }
-        };
+        let encoded = encode_event(event, options);
         let add = batched_size(encoded.len());
         if add > budget {
             oversized.push((
@@ -603,23 +597,21 @@ fn plan_group(
             continue;
         }
         if size + add > budget && !pending.is_empty() {
-            let envelope = batch_envelope(
-                first.as_ref().expect("set with the first message"),
-                std::mem::take(&mut pending),
-            );
+            let head = first.expect("set with the first message");
+            let envelope = envelope_for(head, options, std::mem::take(&mut pending));
             messages.push((std::mem::take(&mut pending_at), envelope));
             size = 0;
             first = None;
         }
         if first.is_none() {
-            first = Some(message);
+            first = Some(event);
         }
         size += add;
         pending.push(encoded);
         pending_at.push(i);
     }
     if let Some(first) = first {
-        messages.push((pending_at, batch_envelope(&first, pending)));
+        messages.push((pending_at, envelope_for(first, options, pending)));
     }
     (messages, oversized)
 }
