@@ -262,8 +262,12 @@ impl Running {
                 let name = name.clone();
                 let max = config.ingest.max_event_bytes;
                 let source = source.clone();
+                let identity = identity.clone();
                 sources.push(tokio::spawn(async move {
                     match source {
+                        SourceConfig::Eventhubs(hub) => {
+                            ingest::eventhubs::run(name, *hub, dispatcher, identity).await
+                        }
                         SourceConfig::Sample { events_per_second, twins, limit } => {
                             ingest::sample::run(&dispatcher, events_per_second, twins, limit).await
                         }

@@ -12,7 +12,8 @@
 //! - [`identity`]: managed-identity tokens (IMDS and the other Azure hosts), the token cache, SAS keys.
 //! - [`delivery`]: per-endpoint queues and workers, fed by the dispatcher.
 //! - [`sinks`]: one folder per destination; each builds its wire form and classifies outcomes.
-//! - [`ingest`]: HTTP `POST /events`, NDJSON files and stdin, the sample generator.
+//! - [`ingest`]: HTTP `POST /events`, NDJSON files and stdin, the sample generator, and an Event
+//!   Hubs hub whose partitions several replicas share (`ingest::eventhubs`).
 //! - [`admin`]: ADT-style `/eventroutes` and `/endpoints`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`server`]: the APIs' HTTP servers: TCP, TLS and Unix sockets, bearer tokens, time limits.
 //! - [`app`]: the daemon assembled, started and stopped in order.

@@ -53,13 +53,13 @@ fn describe() {
     describe_counter!("twinroute_events_delivered_total", "Events delivered to an endpoint.");
     describe_counter!(
         "twinroute_events_dropped_total",
-        "Events an endpoint refused permanently and that were dropped."
+        "Events given up on with no dead-letter store, by reason (permanent, max_attempts, ttl_expired)."
     );
     describe_counter!(
         "twinroute_events_rejected_total",
-        "Events refused after validation, by reason (backpressure, shutting_down)."
+        "Events refused after validation, by reason (backpressure, shutting_down, storage)."
     );
-    describe_counter!("twinroute_requests_rejected_total", "Ingest requests refused, by reason (invalid, request_too_large, event_too_large, too_many_events, unsupported_media_type, unavailable).");
+    describe_counter!("twinroute_requests_rejected_total", "Ingest requests refused, by reason (invalid, request_too_large, event_too_large, too_many_events, unsupported_media_type, unavailable, body_timeout).");
     describe_counter!(
         "twinroute_delivery_failures_total",
         "Failed delivery attempts, by endpoint and reason (transient, auth, permanent)."

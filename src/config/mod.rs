@@ -565,6 +565,8 @@ pub enum SourceConfig {
     },
     /// Newline-delimited JSON CloudEvents from a file, or stdin when `path = "-"`.
     Ndjson { path: String },
+    /// An Event Hubs hub whose partitions the replicas of a consumer group share.
+    Eventhubs(Box<crate::ingest::eventhubs::EventHubsSourceConfig>),
 }
 
 fn default_sample_rate() -> f64 {
@@ -852,6 +854,9 @@ impl Config {
         let mut sources = BTreeMap::new();
         for (name, value) in table("sources", top.get("sources"), &mut problems) {
             if let Some(s) = item::<SourceConfig>(&format!("sources.{name}"), value, &mut problems) {
+                if let SourceConfig::Eventhubs(hub) = &s {
+                    problems.extend(hub.validate(&format!("sources.{name}")).err().unwrap_or_default());
+                }
                 sources.insert(name.clone(), s);
             }
         }

@@ -2,6 +2,7 @@
 //! (NDJSON files or stdin, the sample generator). All of them hand events to the dispatcher,
 //! which queues a submission whole or refuses it whole.
 
+pub mod eventhubs;
 pub mod http;
 pub mod ndjson;
 pub mod sample;

@@ -12,5 +12,6 @@ mod helpers;
 mod identity;
 mod ingest;
 mod reload;
+mod scaleout;
 mod security;
 mod systemd;

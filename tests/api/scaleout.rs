@@ -1,0 +1,377 @@
+//! Scale-out, tested the hard way: three replicas (the real binary, separate processes, each with
+//! its own disk spool and File endpoint) share the 8 partitions of a hub on the AMQP stand-in,
+//! with Azurite (started by `./scripts/test`) as the checkpoint store and tokens from the IMDS
+//! stand-in. Both stand-ins run in this process, so they outlive the replicas. Ownership must
+//! spread over all three; one replica is SIGKILLed and its partitions must move to the others;
+//! every published event must be routed at least once. Duplicates (events read again after the
+//! last checkpoint of the killed replica) are counted and printed.
+
+use crate::blob::{azurite, create_container, identity, unique};
+use crate::helpers::twinroute;
+use azure_messaging_eventhubs::models::EventData;
+use azure_messaging_eventhubs::{ProducerClient, SendEventOptions};
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use twinroute_emulator::amqp::{AmqpConfig, AmqpStandIn, HubDef, NamespaceDef, DEFAULT_NAMESPACE};
+use twinroute_emulator::imds::ImdsStandIn;
+
+const HUB: &str = "twin-input";
+const PARTITIONS: u32 = 8;
+const REPLICAS: usize = 3;
+/// Events published before the kill, and after it.
+const BEFORE: usize = 400;
+const AFTER: usize = 400;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Replica {
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    admin: String,
+    out: std::path::PathBuf,
+    starts: usize,
+    child: Option<Child>,
+}
+
+impl Replica {
+    fn new(
+        root: &std::path::Path,
+        n: usize,
+        imds: &ImdsStandIn,
+        amqp: &AmqpStandIn,
+        container_url: &str,
+        ca: &std::path::Path,
+    ) -> Replica {
+        let dir = root.join(format!("replica-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin = format!("127.0.0.1:{}", free_port());
+        let out = dir.join("routed.ndjson");
+        let config = dir.join("twinroute.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+state_dir = "{state}"
+[ingest]
+listen = "127.0.0.1:{ingest}"
+[admin]
+listen = "{admin}"
+[log]
+summary_interval_seconds = 0
+[identity]
+imds_endpoint = "{imds}"
+[endpoints.out]
+type = "File"
+path = "{out}"
+[routes.all]
+endpoint_name = "out"
+[sources.twins]
+type = "eventhubs"
+namespace = "{ns}"
+hub = "{HUB}"
+custom_endpoint = "{amqp}"
+blob_container_url = "{container_url}"
+ca_file = "{ca}"
+load_balancing_interval_seconds = 1.0
+ownership_expiration_seconds = 5.0
+checkpoint_every_events = 20
+checkpoint_interval_seconds = 0.5
+metrics_interval_seconds = 0.5
+"#,
+                state = dir.join("state").display(),
+                ingest = free_port(),
+                imds = imds.token_url(),
+                out = out.display(),
+                ns = DEFAULT_NAMESPACE,
+                amqp = amqp.endpoint(),
+                ca = ca.display(),
+            ),
+        )
+        .unwrap();
+        Replica { dir, config, admin: format!("http://{admin}"), out, starts: 0, child: None }
+    }
+
+    fn start(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("daemon-{}.log", self.starts))).unwrap();
+        let child = twinroute()
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,twinroute::ingest::eventhubs=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the replica starts");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        // std's kill is SIGKILL on Unix: no shutdown, no drain, no last checkpoint.
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// The partitions this replica says it owns (`None` while it does not answer).
+    async fn owned(&self, client: &reqwest::Client) -> Option<u64> {
+        let text = client.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
+        let line = text.lines().find(|l| l.starts_with("twinroute_eventhubs_owned_partitions{"))?;
+        line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64)
+    }
+
+    /// How many times this replica started reading a partition (all its starts).
+    fn partitions_opened(&self) -> usize {
+        (1..=self.starts)
+            .map(|n| {
+                let log =
+                    std::fs::read_to_string(self.dir.join(format!("daemon-{n}.log"))).unwrap_or_default();
+                log.matches("partition owned: reading").count()
+            })
+            .sum()
+    }
+
+    /// The sum of a gauge over its series (`None` while it does not answer or has none).
+    async fn gauge_sum(&self, client: &reqwest::Client, name: &str) -> Option<f64> {
+        let text = client.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
+        let prefix = format!("{name}{{");
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// The event ids this replica's File endpoint holds, one per line (repeats kept).
+    fn routed(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Event `i`: even ones in ADT's Event Hubs format (body = data, attributes as `cloudEvents:*`
+/// properties), odd ones as a structured CloudEvent body.
+fn event(i: usize) -> EventData {
+    let id = format!("evt-{i}");
+    let twin = format!("room-{}", i % 13);
+    if i % 2 == 0 {
+        EventData::builder()
+            .with_body(format!("{{\"temperature\":{}}}", 20 + i % 10).into_bytes())
+            .with_content_type("application/json".into())
+            .add_property("cloudEvents:specversion".into(), "1.0")
+            .add_property("cloudEvents:id".into(), id)
+            .add_property("cloudEvents:type".into(), "microsoft.iot.telemetry")
+            .add_property(
+                "cloudEvents:source".into(),
+                format!("contoso.api.wus2.digitaltwins.azure.net/digitaltwins/{twin}"),
+            )
+            .build()
+    } else {
+        let body = serde_json::json!({
+            "specversion": "1.0", "id": id, "type": "Microsoft.DigitalTwins.Twin.Update",
+            "source": "contoso.api.wus2.digitaltwins.azure.net", "subject": twin,
+            "datacontenttype": "application/json",
+            "data": {"modelId": "dtmi:com:example:Room;1", "patch": [{"op": "replace", "path": "/t", "value": i}]},
+        });
+        EventData::builder()
+            .with_body(body.to_string().into_bytes())
+            .with_content_type("application/cloudevents+json".into())
+            .build()
+    }
+}
+
+async fn publish(producer: &ProducerClient, range: std::ops::Range<usize>) {
+    for i in range {
+        let options = SendEventOptions { partition_id: Some((i % PARTITIONS as usize).to_string()) };
+        within("publishing", producer.send_event(event(i), Some(options)))
+            .await
+            .expect("the stand-in takes the event");
+    }
+}
+
+/// Every single wait is bounded: a mistake fails instead of hanging.
+async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Polls `what` until it holds, or fails with `message` after `limit`.
+async fn until<F: AsyncFnMut() -> bool>(limit: Duration, message: &str, mut what: F) {
+    let deadline = Instant::now() + limit;
+    while !what().await {
+        assert!(Instant::now() < deadline, "{message}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// Current-thread: on a multi-threaded runtime, `ProducerClient::send_event` (one sender link per
+// partition, all named `DefaultApplicationName-rust-sender`, each on its own session) against the
+// in-process stand-in stalls after a few sends: the stand-in logs the transfer as accepted, the
+// SDK never sees its outcome. Not yet explained; the replicas (other processes) are not affected.
+#[tokio::test]
+async fn replicas_share_a_hub_and_take_over_a_killed_ones_partitions() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+    let az = azurite();
+    let (imds, credential) = identity().await;
+    let namespace = NamespaceDef {
+        hubs: vec![HubDef { name: HUB.into(), partition_count: PARTITIONS }],
+        ..NamespaceDef::default()
+    };
+    let amqp =
+        AmqpStandIn::start(AmqpConfig { namespaces: vec![namespace], ..Default::default() }).await.unwrap();
+    let container = unique("checkpoints");
+    within("creating the checkpoint container", create_container(&az, &container, credential.clone())).await;
+    let container_url = format!("{}/{container}", az.blob);
+    // Kept when the test fails (the replicas' logs are in it), removed at the end when it passes.
+    let root = tempfile::Builder::new().prefix("twinroute-scaleout-").tempdir().unwrap().keep();
+    let mut replicas: Vec<Replica> = (0..REPLICAS)
+        .map(|n| Replica::new(root.as_path(), n, &imds, &amqp, &container_url, &az.ca))
+        .collect();
+    let producer = within(
+        "opening the producer",
+        ProducerClient::builder().with_custom_endpoint(amqp.endpoint()).open(
+            DEFAULT_NAMESPACE,
+            HUB,
+            credential.clone(),
+        ),
+    )
+    .await
+    .expect("the producer connects");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let where_logs = root.as_path().display().to_string();
+
+    // Events waiting before any replica runs are read from the start (start = "earliest").
+    publish(&producer, 0..BEFORE / 2).await;
+    for r in &mut replicas {
+        r.start();
+    }
+    until(
+        Duration::from_secs(60),
+        &format!("ownership did not spread over the replicas: see {where_logs}"),
+        async || {
+            let mut owned = Vec::new();
+            for r in &replicas {
+                owned.push(r.owned(&client).await.unwrap_or(0));
+            }
+            owned.iter().sum::<u64>() == PARTITIONS as u64 && owned.iter().all(|&n| n >= 2)
+        },
+    )
+    .await;
+    let mut spread = Vec::new();
+    for r in &replicas {
+        spread.push(r.owned(&client).await.unwrap_or(0));
+    }
+    println!("ownership before the kill: {spread:?}");
+    publish(&producer, BEFORE / 2..BEFORE).await;
+    // Let the killed replica be in the middle of its work.
+    until(Duration::from_secs(60), "the replicas did not route the first events", async || {
+        replicas.iter().map(|r| r.routed().len()).sum::<usize>() >= BEFORE * 3 / 4
+    })
+    .await;
+
+    replicas[0].kill();
+    println!("replica 0 killed (it owned {} partitions)", spread[0]);
+    publish(&producer, BEFORE..BEFORE + AFTER).await;
+    until(
+        Duration::from_secs(60),
+        &format!("the killed replica's partitions did not move: see {where_logs}"),
+        async || {
+            let mut sum = 0;
+            for r in &replicas[1..] {
+                sum += r.owned(&client).await.unwrap_or(0);
+            }
+            sum == PARTITIONS as u64
+        },
+    )
+    .await;
+    let mut after = Vec::new();
+    for r in &replicas[1..] {
+        after.push(r.owned(&client).await.unwrap_or(0));
+    }
+    println!("ownership after the kill (replicas 1, 2): {after:?}");
+
+    let expected: HashSet<String> = (0..BEFORE + AFTER).map(|i| format!("evt-{i}")).collect();
+    let all_routed = async |replicas: &[Replica]| {
+        let seen: HashSet<String> = replicas.iter().flat_map(Replica::routed).collect();
+        expected.is_subset(&seen)
+    };
+    let mut restarted = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !all_routed(&replicas).await {
+        // An event the killed replica had accepted (spooled, checkpointed) but not yet written
+        // when it died is in its spool: the replica started again with its disk delivers it.
+        if !restarted && Instant::now() + Duration::from_secs(40) > deadline {
+            println!("restarting replica 0 to drain its spool");
+            replicas[0].start();
+            restarted = true;
+        }
+        assert!(Instant::now() < deadline, "not every event was routed: see {where_logs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Lag (per partition, from the partition properties) falls to 0 once everything is read, and
+    // checkpoints are recent.
+    until(Duration::from_secs(20), "the survivors' lag did not fall to 0", async || {
+        let mut total = 0.0;
+        for r in &replicas[1..] {
+            match r.gauge_sum(&client, "twinroute_eventhubs_partition_lag").await {
+                Some(v) => total += v,
+                None => return false,
+            }
+        }
+        total == 0.0
+    })
+    .await;
+    for r in &replicas[1..] {
+        let age = r.gauge_sum(&client, "twinroute_eventhubs_checkpoint_age_seconds").await;
+        assert!(age.is_some(), "no checkpoint age reported");
+    }
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in &replicas {
+        for id in r.routed() {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let per_replica: Vec<usize> = replicas.iter().map(|r| r.routed().len()).collect();
+    println!(
+        "published {}, routed {} (per replica {per_replica:?}), duplicates {duplicates}, replica 0 restarted: {restarted}",
+        expected.len(),
+        counts.values().sum::<usize>(),
+    );
+    assert!(counts.keys().all(|id| expected.contains(id)), "an event nobody published was routed");
+    // Duplicates come from ownership moves (the spread at the start, the kill): the new owner
+    // starts at the last checkpoint, at most one checkpoint interval (20 events) behind what the
+    // old owner read, and the old owner may read on until the new owner's receiver displaces its
+    // own (epoch): at most two intervals per move.
+    let opened: usize = replicas.iter().map(Replica::partitions_opened).sum();
+    let moves = opened.saturating_sub(PARTITIONS as usize);
+    println!("partition readers opened {opened}, so ownership moves (or re-opens) {moves}");
+    assert!(
+        duplicates <= 2 * 20 * moves,
+        "{duplicates} duplicates: more than two checkpoint intervals per move"
+    );
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&root);
+}
