@@ -168,14 +168,16 @@ async fn summarize(dispatcher: Arc<Dispatcher>, period: Duration) {
 
 /// Opens the durable spool the configuration asks for, reporting what it found.
 fn open_spool(config: &Config) -> Result<Option<DiskSpool>, StartError> {
-    let (path, max_bytes, commit_interval) = match config.spool_choice() {
+    let (path, max_bytes, commit_interval, memory_bytes) = match config.spool_choice() {
         SpoolChoice::Memory => {
             tracing::info!("spool in memory: accepted events not yet delivered are lost if twinroute dies (set state_dir for a durable spool)");
             return Ok(None);
         }
-        SpoolChoice::Disk { path, max_bytes, commit_interval } => (path, max_bytes, commit_interval),
+        SpoolChoice::Disk { path, max_bytes, commit_interval, memory_bytes } => {
+            (path, max_bytes, commit_interval, memory_bytes)
+        }
     };
-    let spool = DiskSpool::open(&SpoolOptions { path, max_bytes, commit_interval })?;
+    let spool = DiskSpool::open(&SpoolOptions { path, max_bytes, commit_interval, memory_bytes })?;
     let recovery = spool.recovery();
     if recovery.torn_tail_bytes > 0 {
         tracing::warn!(

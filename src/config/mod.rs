@@ -206,6 +206,8 @@ pub enum SpoolMode {
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Under load, how long the spool's writer gathers requests into one write and sync.
 pub const DEFAULT_SPOOL_COMMIT_INTERVAL_MS: u64 = 3;
+/// Memory the disk spool's storage engine may hold for recent events (its memtable): 4 MiB.
+pub const DEFAULT_SPOOL_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// `[spool]` (or `spool = "memory" | "disk"`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -220,6 +222,10 @@ pub struct SpoolConfig {
     /// Under load (requests queueing), how long the writer may wait to gather more submissions
     /// into one write and sync (0: never wait). A request arriving alone is written at once.
     pub commit_interval_ms: u64,
+    /// Bytes of recent events the disk spool keeps in memory before writing them out (its
+    /// memtable; about twice this while one is written out). More: fewer, larger writes under
+    /// heavy load, at the cost of resident memory.
+    pub memory_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -229,6 +235,7 @@ impl Default for SpoolConfig {
             path: None,
             max_bytes: DEFAULT_SPOOL_MAX_BYTES,
             commit_interval_ms: DEFAULT_SPOOL_COMMIT_INTERVAL_MS,
+            memory_bytes: DEFAULT_SPOOL_MEMORY_BYTES,
         }
     }
 }
@@ -237,7 +244,7 @@ impl Default for SpoolConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpoolChoice {
     Memory,
-    Disk { path: PathBuf, max_bytes: u64, commit_interval: Duration },
+    Disk { path: PathBuf, max_bytes: u64, commit_interval: Duration, memory_bytes: u64 },
 }
 
 /// `[log]`.
@@ -621,6 +628,7 @@ impl Config {
                 path,
                 max_bytes: self.spool.max_bytes,
                 commit_interval: Duration::from_millis(self.spool.commit_interval_ms),
+                memory_bytes: self.spool.memory_bytes,
             },
         }
     }
@@ -762,6 +770,9 @@ impl Config {
             }
             other => section("spool", other, &mut problems),
         };
+        if !(1 << 20..=1 << 30).contains(&spool.memory_bytes) {
+            problems.push("spool.memory_bytes: must be between 1 MiB (1048576) and 1 GiB".into());
+        }
         if spool.max_bytes == 0 {
             problems.push("spool.max_bytes: must be positive".into());
         }
@@ -1011,20 +1022,22 @@ mod tests {
             SpoolChoice::Disk {
                 path: PathBuf::from("/var/lib/tr/spool"),
                 max_bytes: DEFAULT_SPOOL_MAX_BYTES,
-                commit_interval: Duration::from_millis(DEFAULT_SPOOL_COMMIT_INTERVAL_MS)
+                commit_interval: Duration::from_millis(DEFAULT_SPOOL_COMMIT_INTERVAL_MS),
+                memory_bytes: DEFAULT_SPOOL_MEMORY_BYTES,
             }
         );
         let c = load("state_dir = '/var/lib/tr'\nspool = 'memory'\n").unwrap();
         assert_eq!(c.spool_choice(), SpoolChoice::Memory, "the short form");
         let c =
-            load("[spool]\nmode = 'disk'\npath = '/data/spool'\nmax_bytes = 5000\ncommit_interval_ms = 2\n")
+            load("[spool]\nmode = 'disk'\npath = '/data/spool'\nmax_bytes = 5000\ncommit_interval_ms = 2\nmemory_bytes = 16777216\n")
                 .unwrap();
         assert_eq!(
             c.spool_choice(),
             SpoolChoice::Disk {
                 path: PathBuf::from("/data/spool"),
                 max_bytes: 5000,
-                commit_interval: Duration::from_millis(2)
+                commit_interval: Duration::from_millis(2),
+                memory_bytes: 16 << 20,
             }
         );
         let env = HashMap::from([("TWINROUTE_SPOOL__MODE".to_owned(), "memory".to_owned())]);

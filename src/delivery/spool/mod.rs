@@ -55,6 +55,8 @@ pub struct SpoolOptions {
     /// How long the writer may wait for more submissions before a commit (0: commit whatever
     /// is waiting as soon as the previous commit is done).
     pub commit_interval: Duration,
+    /// Bytes of recent events the storage engine keeps in memory (its memtable).
+    pub memory_bytes: u64,
 }
 
 /// Why the spool could not be opened.
@@ -232,14 +234,24 @@ impl DiskSpool {
         let journal_before = journal_bytes(&path);
         // fjall needs at least 64 MiB of journal; more than 512 MiB only delays flushes.
         let journaling = (options.max_bytes / 4).clamp(64 << 20, 512 << 20);
-        let db =
-            fjall::Database::builder(&path).max_journaling_size(journaling).open().map_err(|e| match e {
+        // Memory: events live in a memtable (`spool.memory_bytes`) until it is flushed, and most
+        // are delivered (and deleted) long before; fjall's defaults (64 MiB of memtable, 32 MiB
+        // of block cache) made the daemon's resident set grow by ~1.2 MB/s at 1,000 events/s up
+        // to ~85 MB. The block cache only serves endpoints reading back a backlog.
+        let db = fjall::Database::builder(&path)
+            .max_journaling_size(journaling)
+            .cache_size(SPOOL_CACHE_BYTES)
+            .open()
+            .map_err(|e| match e {
                 fjall::Error::Locked => SpoolError::Locked { path: path.clone() },
                 e => SpoolError::Open { path: path.clone(), message: describe(&e) },
             })?;
         let torn_tail_bytes = journal_before.saturating_sub(journal_bytes(&path));
         let open_error = |e: fjall::Error| SpoolError::Open { path: path.clone(), message: describe(&e) };
-        let events = db.keyspace("events", fjall::KeyspaceCreateOptions::default).map_err(open_error)?;
+        let memtable = options.memory_bytes.max(1 << 20);
+        let events = db
+            .keyspace("events", || fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable))
+            .map_err(open_error)?;
         let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).map_err(open_error)?;
         let mut spool = Shared {
             path: path.clone(),
@@ -380,6 +392,9 @@ impl Drop for Shared {
 }
 
 /// fjall's errors print as their Debug form; say what they mean.
+/// fjall's block cache (reads of a backlog from disk).
+const SPOOL_CACHE_BYTES: u64 = 8 << 20;
+
 fn describe(e: &fjall::Error) -> String {
     match e {
         fjall::Error::Io(io) => io.to_string(),

@@ -3,7 +3,12 @@ use crate::event::parse_structured;
 use crate::routing::EndpointSet;
 
 fn options(dir: &Path) -> SpoolOptions {
-    SpoolOptions { path: dir.join("spool"), max_bytes: 64 << 20, commit_interval: Duration::ZERO }
+    SpoolOptions {
+        path: dir.join("spool"),
+        max_bytes: 64 << 20,
+        commit_interval: Duration::ZERO,
+        memory_bytes: 4 << 20,
+    }
 }
 
 fn envelope(id: &str, in_memory: bool) -> Arc<Envelope> {
