@@ -187,6 +187,11 @@ impl ChangeDetector {
         self.seen = digest;
         self.candidate = None;
     }
+
+    /// New content was seen once and waits for a second look.
+    pub fn is_settling(&self) -> bool {
+        self.candidate.is_some()
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -268,17 +273,24 @@ impl Reloader {
             );
             return (None, ReloadOutcome::NoFile);
         };
-        let origin = path.display().to_string();
         match tokio::fs::read_to_string(path).await {
             Ok(text) => {
                 let digest = text_digest(&text);
-                (Some(digest), self.apply(Config::from_toml(&text, &origin, None), trigger).await)
+                (Some(digest), self.reload_text(&text, trigger).await)
             }
             Err(e) => {
+                let origin = path.display().to_string();
                 let error = ConfigError { origin, problems: vec![format!("cannot read the file: {e}")] };
                 (None, self.apply(Err(error), trigger).await)
             }
         }
+    }
+
+    /// Applies the file's text as already read (the watcher applies exactly the text it saw
+    /// settle, not a third reading).
+    async fn reload_text(&self, text: &str, trigger: Trigger) -> ReloadOutcome {
+        let origin = self.path.as_ref().map_or_else(String::new, |p| p.display().to_string());
+        self.apply(Config::from_toml(text, &origin, None), trigger).await
     }
 
     /// Applies a configuration parsed (or refused) by the caller: the whole of a reload after the
@@ -410,14 +422,13 @@ async fn serve(
     let mut detector = ChangeDetector::new(reloader.started_digest());
     // The last error reading the watched file, logged once until it changes.
     let mut read_error: Option<String> = None;
-    let mut settling = false;
     if let (Some(path), Some(every)) = (reloader.path(), reloader.poll_interval()) {
         tracing::info!(path = %path.display(), poll_interval_ms = every.as_millis() as u64, "watching the configuration file for changes");
     }
     loop {
         let poll = reloader.poll_interval();
         let wait = match poll {
-            Some(every) if settling => SETTLE.min(every),
+            Some(every) if detector.is_settling() => SETTLE.min(every),
             Some(every) => every,
             // Not watched: the timer branch is disabled, this is never waited for.
             None => Duration::from_secs(3600),
@@ -437,6 +448,8 @@ async fn serve(
             hangups = None;
             continue;
         };
+        // The text the watcher saw settle; a SIGHUP reads the file itself.
+        let mut settled = None;
         if trigger == Trigger::FileChanged {
             let Some(path) = reloader.path() else { continue };
             match tokio::fs::read_to_string(path).await {
@@ -444,16 +457,10 @@ async fn serve(
                     if read_error.take().is_some() {
                         tracing::info!(path = %path.display(), "the configuration file can be read again");
                     }
-                    match detector.observe(text_digest(&text)) {
-                        Observation::Unchanged => {
-                            settling = false;
-                            continue;
-                        }
-                        Observation::Settling => {
-                            settling = true;
-                            continue;
-                        }
-                        Observation::Changed => settling = false,
+                    let digest = text_digest(&text);
+                    match detector.observe(digest) {
+                        Observation::Unchanged | Observation::Settling => continue,
+                        Observation::Changed => settled = Some((digest, text)),
                     }
                 }
                 Err(e) => {
@@ -471,7 +478,10 @@ async fn serve(
             tracing::info!("SIGHUP received: reloading the configuration");
         }
         notifier.reloading("reloading the configuration");
-        let (digest, outcome) = reloader.reload(trigger).await;
+        let (digest, outcome) = match settled {
+            Some((digest, text)) => (Some(digest), reloader.reload_text(&text, trigger).await),
+            None => reloader.reload(trigger).await,
+        };
         if let Some(digest) = digest {
             detector.loaded(digest);
         }

@@ -122,6 +122,32 @@ pub struct IdentitySpec {
     pub user_assigned_identity: Option<String>,
 }
 
+impl IdentitySpec {
+    /// The identity this names; the problem (keys under `identity.`) when it names none.
+    pub fn resolve(&self) -> Result<Identity, String> {
+        let t = self.identity_type.as_str();
+        if t.eq_ignore_ascii_case("SystemAssigned") {
+            return match self.user_assigned_identity {
+                None => Ok(Identity::SystemAssigned),
+                Some(_) => Err("identity.user_assigned_identity: only for type UserAssigned".into()),
+            };
+        }
+        if !t.eq_ignore_ascii_case("UserAssigned") {
+            return Err(format!("identity.type: {t:?} is neither SystemAssigned nor UserAssigned"));
+        }
+        match &self.user_assigned_identity {
+            Some(id) if is_user_assigned_identity_id(id) => Ok(Identity::UserAssigned { resource_id: id.clone() }),
+            Some(id) => Err(format!(
+                "identity.user_assigned_identity: {id:?} is not the ARM id of a user-assigned identity \
+                 (/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>)"
+            )),
+            None => Err(
+                "identity.user_assigned_identity: required for type UserAssigned (the identity's ARM resource id)".into(),
+            ),
+        }
+    }
+}
+
 /// The kinds of endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EndpointType {
@@ -467,41 +493,12 @@ impl EndpointSpec {
         }
 
         let identity = if identity_based {
-            match &self.identity {
-                None => Some(Identity::SystemAssigned),
-                Some(spec) => match spec.identity_type.as_str() {
-                    t if t.eq_ignore_ascii_case("SystemAssigned") => {
-                        if spec.user_assigned_identity.is_some() {
-                            problems
-                                .push("identity.user_assigned_identity: only for type UserAssigned".into());
-                        }
-                        Some(Identity::SystemAssigned)
-                    }
-                    t if t.eq_ignore_ascii_case("UserAssigned") => match &spec.user_assigned_identity {
-                        Some(id) if is_user_assigned_identity_id(id) => {
-                            Some(Identity::UserAssigned { resource_id: id.clone() })
-                        }
-                        Some(id) => {
-                            problems.push(format!(
-                                "identity.user_assigned_identity: {id:?} is not the ARM id of a user-assigned identity \
-                                 (/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>)"
-                            ));
-                            None
-                        }
-                        None => {
-                            problems.push(
-                                "identity.user_assigned_identity: required for type UserAssigned (the identity's ARM resource id)".into(),
-                            );
-                            None
-                        }
-                    },
-                    other => {
-                        problems.push(format!(
-                            "identity.type: {other:?} is neither SystemAssigned nor UserAssigned"
-                        ));
-                        None
-                    }
-                },
+            match self.identity.as_ref().map_or(Ok(Identity::SystemAssigned), IdentitySpec::resolve) {
+                Ok(identity) => Some(identity),
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
             }
         } else {
             None

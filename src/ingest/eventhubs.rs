@@ -21,10 +21,10 @@
 //! (`twinroute_eventhubs_events_invalid_total`) and skipped: it cannot be routed, and stopping the
 //! partition for it would stop every event behind it.
 
-use crate::config::IdentitySpec;
+use crate::config::{Identity, IdentitySpec};
 use crate::delivery::{Dispatcher, Refusal};
 use crate::event::{from_binary, parse_structured, CloudEvent, EventProblem};
-use crate::identity::{IdentityProvider, ManagedIdentityId, UserAssignedId};
+use crate::identity::{IdentityProvider, ManagedIdentityId};
 use azure_core::credentials::TokenCredential;
 use azure_core::http::{ClientOptions, RetryOptions, Transport};
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, ReceivedEventData, StartPositions};
@@ -169,7 +169,7 @@ impl EventHubsSourceConfig {
             Err(e) => problems.push(format!("{section}.blob_container_url: not a URL ({e})")),
         }
         if let Err(e) = self.identity_id() {
-            problems.push(format!("{section}.identity: {e}"));
+            problems.push(format!("{section}.{e}"));
         }
         if self.checkpoint_every_events == 0 {
             problems.push(format!("{section}.checkpoint_every_events: must be at least 1"));
@@ -198,31 +198,10 @@ impl EventHubsSourceConfig {
         }
     }
 
-    /// The managed identity this source reads with.
+    /// The managed identity this source reads with (named as an endpoint names one).
     pub fn identity_id(&self) -> Result<ManagedIdentityId, String> {
-        match &self.identity {
-            None => Ok(ManagedIdentityId::SystemAssigned),
-            Some(spec) if spec.identity_type.eq_ignore_ascii_case("SystemAssigned") => {
-                match spec.user_assigned_identity {
-                    None => Ok(ManagedIdentityId::SystemAssigned),
-                    Some(_) => Err("user_assigned_identity is only for type UserAssigned".into()),
-                }
-            }
-            Some(spec) if spec.identity_type.eq_ignore_ascii_case("UserAssigned") => {
-                match &spec.user_assigned_identity {
-                    Some(id) if id.starts_with("/subscriptions/") => {
-                        Ok(ManagedIdentityId::UserAssigned(UserAssignedId::ResourceId(id.clone())))
-                    }
-                    Some(id) => {
-                        Err(format!("user_assigned_identity {id:?} is not an ARM id (/subscriptions/...)"))
-                    }
-                    None => {
-                        Err("user_assigned_identity (an ARM id) is required for type UserAssigned".into())
-                    }
-                }
-            }
-            Some(spec) => Err(format!("type {:?} is not SystemAssigned or UserAssigned", spec.identity_type)),
-        }
+        let identity = self.identity.as_ref().map_or(Ok(Identity::SystemAssigned), IdentitySpec::resolve)?;
+        Ok(ManagedIdentityId::from(&identity))
     }
 }
 
@@ -312,13 +291,15 @@ async fn open_consumer(
     if let Some(endpoint) = &config.custom_endpoint {
         builder = builder.with_custom_endpoint(endpoint.clone());
     }
-    builder.open(&config.namespace, config.hub.clone(), credential).await.map_err(|e| {
-        EventHubsSourceError::EventHubs {
-            namespace: config.namespace.clone(),
-            hub: config.hub.clone(),
-            message: crate::sinks::http::error_chain(&e),
-        }
-    })
+    builder
+        .open(&config.namespace, config.hub.clone(), credential)
+        .await
+        .map_err(|e| hub_error(config, crate::sinks::http::error_chain(&e)))
+}
+
+/// The source's failure, naming the hub.
+fn hub_error(config: &EventHubsSourceConfig, message: String) -> EventHubsSourceError {
+    EventHubsSourceError::EventHubs { namespace: config.namespace.clone(), hub: config.hub.clone(), message }
 }
 
 /// The checkpoint container's client: the managed identity, `ca_file`, and the SDK's retries
@@ -327,11 +308,12 @@ fn checkpoint_container(
     config: &EventHubsSourceConfig,
     credential: Arc<dyn TokenCredential>,
 ) -> Result<BlobContainerClient, EventHubsSourceError> {
-    let error = |message: String| EventHubsSourceError::CheckpointStore {
-        url: config.blob_container_url.split('?').next().unwrap_or_default().to_owned(),
-        message,
-    };
-    let url = url::Url::parse(&config.blob_container_url).map_err(|e| error(e.to_string()))?;
+    // The URL is checked by `validate`; its query (a SAS) never appears in messages.
+    let url = url::Url::parse(&config.blob_container_url).map_err(|e| {
+        EventHubsSourceError::CheckpointStore { url: "(not a URL)".into(), message: e.to_string() }
+    })?;
+    let shown = crate::sinks::http::redact_url(&url);
+    let error = |message: String| EventHubsSourceError::CheckpointStore { url: shown.clone(), message };
     let http = crate::sinks::http::client(config.ca_file.as_deref()).map_err(error)?;
     let options = BlobContainerClientOptions {
         client_options: ClientOptions {
@@ -382,11 +364,7 @@ async fn run_once(
         .with_prefetch(config.prefetch)
         .build(consumer, store.clone())
         .await
-        .map_err(|e| EventHubsSourceError::EventHubs {
-            namespace: config.namespace.clone(),
-            hub: config.hub.clone(),
-            message: crate::sinks::http::error_chain(&e),
-        })?;
+        .map_err(|e| hub_error(config, crate::sinks::http::error_chain(&e)))?;
     tracing::info!(source = %name, namespace = %config.namespace, hub = %config.hub, consumer_group = %config.consumer_group, owner_id = %owner_id, "event hubs source started");
     let _watch = AbortOnDrop(tokio::spawn(watch_ownership(
         name.to_owned(),
@@ -410,11 +388,7 @@ async fn run_once(
                     Ok(Err(e)) => crate::sinks::http::error_chain(&e),
                     Err(e) => e.to_string(),
                 };
-                break Err(EventHubsSourceError::EventHubs {
-                    namespace: config.namespace.clone(),
-                    hub: config.hub.clone(),
-                    message,
-                });
+                break Err(hub_error(config, message));
             }
             next = processor.next_partition_client() => {
                 match next {
@@ -437,21 +411,13 @@ async fn run_once(
                     }
                     Err(e) => {
                         runner.abort();
-                        break Err(EventHubsSourceError::EventHubs {
-                            namespace: config.namespace.clone(),
-                            hub: config.hub.clone(),
-                            message: crate::sinks::http::error_chain(&e),
-                        });
+                        break Err(hub_error(config, crate::sinks::http::error_chain(&e)));
                     }
                 }
             }
             Some(joined) = partitions.join_next(), if !partitions.is_empty() => {
                 if let Ok(Some(broken)) = joined {
-                    break Err(EventHubsSourceError::EventHubs {
-                        namespace: config.namespace.clone(),
-                        hub: config.hub.clone(),
-                        message: format!("the connection is broken: {broken}"),
-                    });
+                    break Err(hub_error(config, format!("the connection is broken: {broken}")));
                 }
             }
         }
@@ -561,11 +527,6 @@ async fn read_partition(
                 Ok(Some(Ok(event))) => {
                     received.increment(1);
                     pending += 1;
-                    if let Some(seq) = event.sequence_number() {
-                        if let Some(state) = lock(&owned).get_mut(&partition) {
-                            state.last_received = Some(seq);
-                        }
-                    }
                     match to_cloud_event(&event) {
                         Ok(e) => batch.push(e),
                         Err(problems) => {
@@ -594,6 +555,10 @@ async fn read_partition(
             }
             // Submit what is batched; the checkpoint may move only past accepted events.
             if let Some(last) = last_in_batch.take() {
+                // For the lag gauge: once per batch, not per event.
+                if let (Some(seq), Some(state)) = (last.sequence_number(), lock(&owned).get_mut(&partition)) {
+                    state.last_received = Some(seq);
+                }
                 if !submit(&dispatcher, &mut batch).await {
                     break "twinroute is shutting down".to_owned();
                 }

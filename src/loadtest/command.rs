@@ -246,7 +246,7 @@ async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
     }
     if let Some(path) = &args.chart {
         let baseline_path = sibling(path, "-baseline");
-        let key = if options_by_twin(&report.scenario) { "twin id" } else { "none" };
+        let key = if report.partition_key == "twin_id" { "twin id" } else { "none" };
         let title = format!("twinroute, {:?} spool, partition key {key}", report.spool).to_lowercase();
         if let Err(code) = write(path, super::chart::svg(&title, &report.twinroute.timeline)) {
             return code;
@@ -276,11 +276,6 @@ async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// Whether the scenario's event hubs use the twin id as partition key.
-fn options_by_twin(scenario: &str) -> bool {
-    scenario.contains("partition key twin id")
 }
 
 /// `dir/name<suffix>.ext` next to `path`.

@@ -16,10 +16,11 @@
 
 use super::{HttpIngest, LoadOptions, LoadReport, Observers, Receipts, SendOutcome, Target};
 use crate::config::{Config, ConnectionString};
-use crate::event::{parse_structured, CloudEvent};
+use crate::event::CloudEvent;
 use crate::identity::sas::{self, SAS_TOKEN_TYPE};
 use crate::routing::{Route, RouteTable};
 use crate::sinks::amqp::message::{batch_envelope, encode, event_message, MessageOptions};
+use crate::sinks::amqp::AmqpThread;
 use azure_core_amqp::{
     AmqpClaimsBasedSecurity, AmqpClaimsBasedSecurityApis, AmqpConnection, AmqpConnectionApis,
     AmqpConnectionOptions, AmqpSendOptions, AmqpSendOutcome, AmqpSender, AmqpSenderApis, AmqpSession,
@@ -95,6 +96,8 @@ pub struct CompareOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct CompareReport {
     pub scenario: String,
+    /// The event hubs' partition key: `twin_id` or `none`.
+    pub partition_key: &'static str,
     pub spool: Spool,
     pub baseline: LoadReport,
     pub twinroute: LoadReport,
@@ -291,6 +294,7 @@ pub async fn run(options: &CompareOptions) -> anyhow::Result<CompareReport> {
             options.load.payload_bytes
         ),
         spool: options.spool,
+        partition_key: if options.by_twin { "twin_id" } else { "none" },
         added_p50_us: e2e(&twinroute).p50 as i64 - e2e(&baseline).p50 as i64,
         added_p99_us: e2e(&twinroute).p99 as i64 - e2e(&baseline).p99 as i64,
         baseline,
@@ -323,11 +327,11 @@ struct SdkBaseline {
 }
 
 struct SdkConnection {
-    handle: tokio::runtime::Handle,
     senders: Vec<Arc<AmqpSender>>,
     /// Kept open for the senders (dropping the session ends it).
     _open: (Arc<AmqpConnection>, AmqpSession, AmqpClaimsBasedSecurity),
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Declared last: the connection's handles are dropped before its thread stops.
+    io: AmqpThread,
 }
 
 impl SdkBaseline {
@@ -342,14 +346,8 @@ impl SdkBaseline {
 
 impl SdkConnection {
     async fn open(amqp: &str) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new().name("loadtest-sdk".into()).spawn(move || {
-            runtime.block_on(async move {
-                let _ = stopped.await;
-            })
-        })?;
+        // Its own thread per connection, as twinroute's clients run theirs (the fe2o3 race).
+        let io = AmqpThread::start("loadtest-sdk")?;
         let endpoint = url::Url::parse(&format!("amqp://{amqp}"))?;
         let setup = async move {
             let connection = Arc::new(AmqpConnection::new());
@@ -385,8 +383,8 @@ impl SdkConnection {
             }
             anyhow::Ok((connection, session, cbs, senders))
         };
-        let (connection, session, cbs, senders) = handle.spawn(setup).await??;
-        Ok(Self { handle, senders, _open: (connection, session, cbs), _stop: stop })
+        let (connection, session, cbs, senders) = io.spawn(setup).await.map_err(anyhow::Error::msg)??;
+        Ok(Self { senders, _open: (connection, session, cbs), io })
     }
 }
 
@@ -425,20 +423,16 @@ fn baseline_messages(
 #[async_trait::async_trait]
 impl Target for SdkBaseline {
     async fn send(&self, connection: usize, events: Vec<serde_json::Value>) -> SendOutcome {
-        let events: Result<Vec<CloudEvent>, _> =
-            events.iter().map(|v| parse_structured(v.to_string().as_bytes())).collect();
-        let events = match events {
+        let events = match super::parse_values(&events) {
             Ok(e) => e,
-            Err(problems) => {
-                return SendOutcome::Error(format!("a generated event is invalid: {problems:?}"))
-            }
+            Err(outcome) => return outcome,
         };
         let conn = &self.connections[connection % self.connections.len()];
         for (endpoint, message) in baseline_messages(&self.routes, &events, self.by_twin) {
             let sender = conn.senders[endpoint].clone();
             let options =
                 AmqpSendOptions { message_format: Some(BATCH_MESSAGE_FORMAT), ..Default::default() };
-            let sent = conn.handle.spawn(async move { sender.send(message, Some(options)).await }).await;
+            let sent = conn.io.spawn(async move { sender.send(message, Some(options)).await }).await;
             match sent {
                 Ok(Ok(AmqpSendOutcome::Accepted)) => {}
                 Ok(Ok(AmqpSendOutcome::Rejected(e))) => {
@@ -446,7 +440,7 @@ impl Target for SdkBaseline {
                 }
                 Ok(Ok(_)) => return SendOutcome::Error("the stand-in released a batch".into()),
                 Ok(Err(e)) => return SendOutcome::Error(e.to_string()),
-                Err(e) => return SendOutcome::Error(e.to_string()),
+                Err(e) => return SendOutcome::Error(e),
             }
         }
         SendOutcome::Accepted

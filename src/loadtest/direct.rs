@@ -7,7 +7,6 @@ use super::{SendOutcome, Target};
 use crate::app::{RunOptions, Running, ShutdownReport};
 use crate::config::Config;
 use crate::delivery::{EndpointStats, Refusal};
-use crate::event::parse_structured;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -62,13 +61,9 @@ impl Pipeline {
 #[async_trait::async_trait]
 impl Target for Pipeline {
     async fn send(&self, _connection: usize, events: Vec<serde_json::Value>) -> SendOutcome {
-        let parsed: Result<Vec<_>, _> =
-            events.iter().map(|v| parse_structured(v.to_string().as_bytes())).collect();
-        let events = match parsed {
+        let events = match super::parse_values(&events) {
             Ok(e) => e,
-            Err(problems) => {
-                return SendOutcome::Error(format!("a generated event is invalid: {problems:?}"))
-            }
+            Err(outcome) => return outcome,
         };
         match self.running.dispatcher.submit(events, "loadtest").await {
             Ok(_) => SendOutcome::Accepted,

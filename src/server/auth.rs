@@ -8,13 +8,11 @@
 //! old one); it is read again whenever it changes ([`TOKEN_FILE_POLL_INTERVAL`]).
 
 use crate::config::TokenSource;
-use crate::ingest::{ErrorBody, ErrorDetail};
 use arc_swap::ArcSwap;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -244,12 +242,9 @@ impl Guard {
                 format!("Bearer realm=\"{REALM}\", error=\"invalid_token\""),
             ),
         };
-        let body = ErrorBody::<()> { error: ErrorDetail { code, message, details: None } };
-        let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-        let headers = response.headers_mut();
-        headers.insert("x-ms-error-code", HeaderValue::from_static(code));
+        let mut response = crate::admin::error_response(401, code, message);
         if let Ok(v) = HeaderValue::from_str(&challenge) {
-            headers.insert(header::WWW_AUTHENTICATE, v);
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
         response
     }

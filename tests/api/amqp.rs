@@ -3,7 +3,7 @@
 //! (`azure_messaging_eventhubs`' `ConsumerClient`, an `azure_core_amqp` receiver) reading back
 //! what arrived. The wire form is asserted exactly.
 
-use crate::helpers::{spawn_real, telemetry, twin_create, TestApp};
+use crate::helpers::{spawn_real, telemetry, twin_create, within, TestApp};
 use azure_core::credentials::{AccessToken, Secret, TokenCredential, TokenRequestOptions};
 use azure_core_amqp::message::{AmqpMessageBody, AmqpMessageId};
 use azure_core_amqp::{
@@ -24,10 +24,6 @@ use twinroute_emulator::amqp::{
 use twinroute_emulator::imds::{ImdsConfig, ImdsStandIn, DEFAULT_SYSTEM_OBJECT_ID};
 
 const NS: &str = DEFAULT_NAMESPACE;
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f).await.unwrap_or_else(|_| panic!("{what} took over 20 s"))
-}
 
 struct Stack {
     imds: ImdsStandIn,

@@ -3,7 +3,7 @@
 use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 
-use crate::helpers::twinroute;
+use crate::helpers::{free_port, twinroute};
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -226,10 +226,6 @@ fn sigterm_drains_and_exits_zero() {
 }
 
 /// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn the_quick_start_demo_forwards_sample_events() {
     // `twinroute run`'s embedded demo, on free ports (so the test neither collides with a running

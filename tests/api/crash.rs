@@ -5,9 +5,8 @@
 //! the hub at least once; duplicates (events delivered before a kill and again after it) are
 //! counted and reported.
 
-use crate::helpers::twinroute;
+use crate::helpers::{free_port, twinroute};
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,10 +17,6 @@ use twinroute_emulator::imds::{ImdsConfig, ImdsStandIn};
 const KILLS: usize = 4;
 const LOADERS: usize = 4;
 const BATCH: usize = 20;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Daemon {
     config: std::path::PathBuf,

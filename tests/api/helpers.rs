@@ -141,3 +141,15 @@ pub fn twinroute() -> std::process::Command {
     c.env_remove("RUST_LOG").env_remove("TWINROUTE_CONFIG").env("NO_PROXY", "127.0.0.1,localhost");
     c
 }
+
+/// A loopback port free at the time of asking (for processes that bind it themselves).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `f`, failing the test if it takes over 20 s.
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 20 s"))
+}

@@ -7,11 +7,10 @@
 //! last checkpoint of the killed replica) are counted and printed.
 
 use crate::blob::{azurite, create_container, identity, unique};
-use crate::helpers::twinroute;
+use crate::helpers::{free_port, twinroute, within};
 use azure_messaging_eventhubs::models::EventData;
 use azure_messaging_eventhubs::{ProducerClient, SendEventOptions};
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use twinroute_emulator::amqp::{AmqpConfig, AmqpStandIn, HubDef, NamespaceDef, DEFAULT_NAMESPACE};
@@ -23,10 +22,6 @@ const REPLICAS: usize = 3;
 /// Events published before the kill, and after it.
 const BEFORE: usize = 400;
 const AFTER: usize = 400;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Replica {
     dir: std::path::PathBuf,
@@ -119,9 +114,7 @@ metrics_interval_seconds = 0.5
 
     /// The partitions this replica says it owns (`None` while it does not answer).
     async fn owned(&self, client: &reqwest::Client) -> Option<u64> {
-        let text = client.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
-        let line = text.lines().find(|l| l.starts_with("twinroute_eventhubs_owned_partitions{"))?;
-        line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64)
+        self.gauge_sum(client, "twinroute_eventhubs_owned_partitions").await.map(|v| v as u64)
     }
 
     /// How many times this replica started reading a partition (all its starts).
@@ -201,13 +194,6 @@ async fn publish(producer: &ProducerClient, range: std::ops::Range<usize>) {
             .await
             .expect("the stand-in takes the event");
     }
-}
-
-/// Every single wait is bounded: a mistake fails instead of hanging.
-async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 /// Polls `what` until it holds, or fails with `message` after `limit`.

@@ -391,10 +391,10 @@ impl Drop for Shared {
     }
 }
 
-/// fjall's errors print as their Debug form; say what they mean.
 /// fjall's block cache (reads of a backlog from disk).
 const SPOOL_CACHE_BYTES: u64 = 8 << 20;
 
+/// fjall's errors print as their Debug form; say what they mean.
 fn describe(e: &fjall::Error) -> String {
     match e {
         fjall::Error::Io(io) => io.to_string(),
@@ -838,9 +838,13 @@ impl Writer {
         let syncer = {
             let shared = self.shared.clone();
             let pipeline = self.pipeline.clone();
-            std::thread::Builder::new()
-                .name("twinroute-spool-sync".into())
-                .spawn(move || sync_loop(&shared, &pipeline))
+            std::thread::Builder::new().name("twinroute-spool-sync".into()).spawn(move || {
+                // As for the writer: a bug here must fail the spool loudly.
+                let synced = std::panic::AssertUnwindSafe(|| sync_loop(&shared, &pipeline));
+                if std::panic::catch_unwind(synced).is_err() {
+                    fail(&shared, "the spool's sync thread failed (a bug; see the log above)");
+                }
+            })
         };
         let syncer = match syncer {
             Ok(s) => Some(s),

@@ -148,7 +148,7 @@ pub struct AmqpClient {
 /// then waits forever for an answer that already came. With the engines and the sending future
 /// on one thread, the session engine cannot run between those two steps. (put-token goes
 /// through an fe2o3 sender too.)
-struct AmqpThread {
+pub(crate) struct AmqpThread {
     handle: tokio::runtime::Handle,
     /// Dropped with the client: the thread then winds down.
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -171,7 +171,7 @@ impl AmqpThread {
         Ok(thread)
     }
 
-    fn start(name: &str) -> std::io::Result<Self> {
+    pub(crate) fn start(name: &str) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -190,7 +190,7 @@ impl AmqpThread {
     }
 
     /// Runs `f` on this thread and waits for it; dropping the returned future cancels `f`.
-    async fn spawn<T: Send + 'static>(
+    pub(crate) async fn spawn<T: Send + 'static>(
         &self,
         f: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, String> {
@@ -411,19 +411,6 @@ impl AmqpClient {
         }
         let (sender, max) = connected.senders.get(&key).expect("inserted above");
         Ok((sender.clone(), *max))
-    }
-
-    /// The maximum message size of `target`'s link (connecting if needed).
-    pub async fn max_message_size(&self, target: &str) -> Result<u64, DeliveryOutcome> {
-        let mut state = self.state.lock().await;
-        let connected = self.ready(&mut state).await.map_err(DeliveryOutcome::from)?;
-        match self.sender(connected, target, 0).await {
-            Ok((_, max)) => Ok(max),
-            Err(f) => {
-                *state = None;
-                Err(f.into())
-            }
-        }
     }
 
     /// `lanes` senders for `target` (connecting and authorizing if needed), the smallest maximum
