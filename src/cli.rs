@@ -75,7 +75,7 @@ pub enum Command {
     /// stream and report throughput and latency; --compare measures twinroute against the SDK
     /// straight to a stand-in.
     #[command(after_help = crate::loadtest::command::EXIT_STATUS_HELP)]
-    Loadtest(crate::loadtest::command::LoadtestArgs),
+    Loadtest(Box<crate::loadtest::command::LoadtestArgs>),
 }
 
 pub use crate::deadletter_cli::DeadletterCommand;
@@ -167,7 +167,7 @@ pub fn main() -> ExitCode {
             get_token(config.as_deref(), &resource, id, imds_endpoint, show_token)
         }
         Command::Deadletter { command } => crate::deadletter_cli::main(command),
-        Command::Loadtest(args) => crate::loadtest::command::main(args),
+        Command::Loadtest(args) => crate::loadtest::command::main(*args),
     }
 }
 

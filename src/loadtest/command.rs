@@ -1,6 +1,7 @@
 //! The `twinroute loadtest` command line.
 
 use super::compare::{CompareOptions, Spool};
+use super::scaleout::ScaleoutOptions;
 use super::{HttpIngest, LoadOptions, Observers};
 use crate::cli::{runtime, EXIT_USAGE};
 use crate::config::EXIT_CONFIG;
@@ -11,24 +12,44 @@ use std::sync::Arc;
 /// Exit statuses beyond the usual ones.
 pub const EXIT_STATUS_HELP: &str =
     "Exit status: 0 the run completed without errors; 1 some requests failed or \
-(--compare) events were lost; 64 bad arguments; 78 (--endpoints) the configuration is invalid.";
+(--compare) events were lost, or (--scaleout) a round did not route every event; 64 bad arguments; 78 (--endpoints) the configuration is invalid.";
 
 #[derive(Debug, clap::Args)]
 pub struct LoadtestArgs {
     /// The daemon's ingest URL (the default target).
-    #[arg(long, default_value = "http://127.0.0.1:8080", conflicts_with_all = ["endpoints", "compare"])]
+    #[arg(long, default_value = "http://127.0.0.1:8080", conflicts_with_all = ["endpoints", "compare", "scaleout"])]
     target: String,
     /// Instead of a daemon's ingest: this configuration's endpoints, through twinroute's delivery
     /// pipeline in this process (to load what consumes them).
-    #[arg(long, value_name = "CONFIG", conflicts_with = "compare")]
+    #[arg(long, value_name = "CONFIG", conflicts_with_all = ["compare", "scaleout"])]
     endpoints: Option<PathBuf>,
     /// Measure twinroute against the SDK straight to an in-process Event Hubs / Service Bus
     /// stand-in, in one run: 10 routes, 3 endpoints; end-to-end latency, throughput ratio, the
     /// daemon's CPU and memory.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scaleout")]
     compare: bool,
-    /// With --compare: the daemon's spool.
-    #[arg(long, value_enum, default_value = "memory", requires = "compare")]
+    /// Measure how fast groups of twinroute replicas drain an Event Hubs hub of 8 partitions
+    /// (an `eventhubs` source with Blob checkpoints), one round per replica count: e.g. 1,2,3.
+    /// Needs a Blob service for the checkpoints (--blob-service).
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16), requires = "blob_service")]
+    scaleout: Vec<u32>,
+    /// With --scaleout: events in each round's backlog.
+    #[arg(long, value_name = "N", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..))]
+    events: u32,
+    /// With --scaleout: the Blob service's account URL for checkpoints and ownership (a
+    /// container is created for the run and deleted after it), authenticated with the managed
+    /// identity of an in-process IMDS stand-in: Azurite started by `scripts/azurite start`
+    /// (https://127.0.0.1:10000/devstoreaccount1).
+    #[arg(long, value_name = "URL")]
+    blob_service: Option<String>,
+    /// With --scaleout: extra CA certificates (PEM) to trust for the Blob service.
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// With --scaleout: the longest one round may take.
+    #[arg(long, default_value = "120s", value_parser = crate::loadtest::parse_duration)]
+    round_limit: std::time::Duration,
+    /// With --compare or --scaleout: the daemon's spool.
+    #[arg(long, value_enum, default_value = "memory")]
     spool: SpoolArg,
     /// With --compare: the event hubs' partition key, `twin_id` (twinroute's default: a message
     /// per twin per batch) or `none` (a message per batch), for both phases.
@@ -38,15 +59,15 @@ pub struct LoadtestArgs {
     /// the events of many requests into each delivery; this gives the SDK the same advantage.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10000), requires = "compare")]
     baseline_batch: Option<u32>,
-    /// With --compare: the twinroute binary to run as the daemon (default: this one).
-    #[arg(long, value_name = "PATH", requires = "compare")]
+    /// With --compare or --scaleout: the twinroute binary to run as the daemon (default: this one).
+    #[arg(long, value_name = "PATH")]
     daemon: Option<PathBuf>,
     /// A file holding the bearer token the daemon's ingest requires (its first line; the token
     /// is not taken on the command line, where other users could read it).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["endpoints", "compare"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["endpoints", "compare", "scaleout"])]
     token_file: Option<PathBuf>,
     /// The daemon's process id, to read its CPU and memory use from /proc while loading it.
-    #[arg(long, conflicts_with_all = ["endpoints", "compare"])]
+    #[arg(long, conflicts_with_all = ["endpoints", "compare", "scaleout"])]
     pid: Option<u32>,
     /// Events per second in total, on a fixed schedule (open loop); `max` sends as fast as the
     /// target takes them.
@@ -121,6 +142,9 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
     };
     if args.compare {
         return runtime.block_on(compare(&args, options));
+    }
+    if !args.scaleout.is_empty() {
+        return runtime.block_on(scaleout(&args));
     }
     let report = if let Some(path) = &args.endpoints {
         let config = match crate::config::Config::load(Some(path)) {
@@ -209,21 +233,67 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
-    let daemon = match &args.daemon {
-        Some(p) => p.clone(),
-        None => match std::env::current_exe() {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("twinroute: cannot find this program's path ({e}); give --daemon");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let spool = match args.spool {
+/// The binary to run as the daemon: --daemon, or this one.
+fn daemon_binary(args: &LoadtestArgs) -> Result<PathBuf, ExitCode> {
+    match &args.daemon {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe().map_err(|e| {
+            eprintln!("twinroute: cannot find this program's path ({e}); give --daemon");
+            ExitCode::FAILURE
+        }),
+    }
+}
+
+fn spool(args: &LoadtestArgs) -> Spool {
+    match args.spool {
         SpoolArg::Memory => Spool::Memory,
         SpoolArg::Disk => Spool::Disk,
+    }
+}
+
+async fn scaleout(args: &LoadtestArgs) -> ExitCode {
+    let daemon = match daemon_binary(args) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
+    let options = ScaleoutOptions {
+        replicas: args.scaleout.iter().map(|&n| n as usize).collect(),
+        events: args.events as usize,
+        twins: args.twins as usize,
+        seed: args.seed,
+        payload_bytes: args.payload_bytes,
+        blob_service: args.blob_service.clone().unwrap_or_default(),
+        ca_file: args.ca_file.clone(),
+        daemon,
+        spool: spool(args),
+        round_limit: args.round_limit,
+        progress: !args.quiet,
+    };
+    let report = match super::scaleout::run(&options).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("twinroute: the scale-out run could not run: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", report.table());
+    if let Err(code) = write_json(args, &report) {
+        return code;
+    }
+    if report.rounds.iter().all(|r| r.complete) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("twinroute: not every event was routed in every round");
+        ExitCode::FAILURE
+    }
+}
+
+async fn compare(args: &LoadtestArgs, load: LoadOptions) -> ExitCode {
+    let daemon = match daemon_binary(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let spool = spool(args);
     let by_twin = args.partition_key == "twin_id";
     let options = CompareOptions {
         load,

@@ -36,7 +36,7 @@ use twinroute_emulator::amqp::{
 };
 
 /// The stand-in namespace of the scenario.
-const NAMESPACE: &str = "twinroute-loadtest.servicebus.windows.net";
+pub(super) const NAMESPACE: &str = "twinroute-loadtest.servicebus.windows.net";
 
 /// The scenario's endpoints: (name, entity, is an event hub).
 const ENDPOINTS: [(&str, &str, bool); 3] =
@@ -163,7 +163,7 @@ fn route_table() -> RouteTable {
     RouteTable::new(routes)
 }
 
-fn connection_string(entity: &str) -> String {
+pub(super) fn connection_string(entity: &str) -> String {
     format!(
         "Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName={DEV_SAS_KEY_NAME};SharedAccessKey={DEV_SAS_KEY};EntityPath={entity}"
     )
@@ -447,8 +447,8 @@ impl Target for SdkBaseline {
     }
 }
 
-/// A `twinroute run` child process with the scenario's configuration.
-struct Daemon {
+/// A `twinroute run` child process.
+pub(super) struct Daemon {
     child: tokio::process::Child,
     ingest: String,
     admin: String,
@@ -457,7 +457,16 @@ struct Daemon {
 }
 
 /// A directory removed when dropped.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(pub(super) PathBuf);
+
+impl TempDir {
+    /// A new, empty directory under the system's temporary directory.
+    pub(super) fn new() -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("twinroute-loadtest-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -465,24 +474,34 @@ impl Drop for TempDir {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
+pub(super) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Daemon {
     async fn start(options: &CompareOptions, amqp: &str) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("twinroute-loadtest-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir)?;
-        let dir = TempDir(dir);
+        let dir = TempDir::new()?;
         let (ingest, admin) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
         let state = (options.spool == Spool::Disk).then(|| dir.0.join("state"));
         let text = daemon_config(&ingest, &admin, amqp, state.as_deref(), options.by_twin);
+        Daemon::launch(&options.daemon, &text, dir, &ingest, &admin).await
+    }
+
+    /// Runs `binary run` with the configuration `text` (written into `dir`, which also takes
+    /// its log) and waits until its admin API at `admin` says it is ready.
+    pub(super) async fn launch(
+        binary: &std::path::Path,
+        text: &str,
+        dir: TempDir,
+        ingest: &str,
+        admin: &str,
+    ) -> anyhow::Result<Self> {
         // Checked here so a mistake in the scenario reads as one, not as a daemon that died.
-        Config::from_toml(&text, "the load test's daemon configuration", Some(Default::default()))?;
+        Config::from_toml(text, "the load test's daemon configuration", Some(Default::default()))?;
         let path = dir.0.join("twinroute.toml");
-        std::fs::write(&path, &text)?;
+        std::fs::write(&path, text)?;
         let log = std::fs::File::create(dir.0.join("twinroute.log"))?;
-        let child = tokio::process::Command::new(&options.daemon)
+        let child = tokio::process::Command::new(binary)
             .arg("run")
             .arg("--config")
             .arg(&path)
@@ -491,7 +510,7 @@ impl Daemon {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", options.daemon.display()))?;
+            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", binary.display()))?;
         let mut daemon = Daemon {
             child,
             ingest: format!("http://{ingest}"),
@@ -517,7 +536,7 @@ impl Daemon {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(super) fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
 
@@ -525,7 +544,7 @@ impl Daemon {
         self.ingest.clone()
     }
 
-    async fn metrics(&self) -> Option<String> {
+    pub(super) async fn metrics(&self) -> Option<String> {
         self.client.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()
     }
 
@@ -535,7 +554,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then wait (the daemon drains and exits).
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         }
@@ -544,7 +563,7 @@ impl Daemon {
 }
 
 /// The sum of a counter's samples in Prometheus text.
-fn sum_metric(text: &str, name: &str) -> u64 {
+pub(super) fn sum_metric(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

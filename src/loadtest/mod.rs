@@ -12,6 +12,7 @@ pub mod compare;
 pub mod direct;
 pub mod procstat;
 pub mod progress;
+pub mod scaleout;
 
 use crate::event::CloudEvent;
 use crate::ingest::sample::SampleGenerator;

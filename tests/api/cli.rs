@@ -375,6 +375,45 @@ fn loadtest_compare_runs_both_phases_and_accounts_for_every_event() {
     }
 }
 
+/// The CI smoke run of `--scaleout`: rounds of 1 and 2 replicas (the real binary) drain a hub on
+/// the in-process stand-in with Azurite holding the checkpoints; every event is routed in every
+/// round and the partitions end up owned by the replicas. (No thresholds.)
+#[test]
+fn loadtest_scaleout_drains_the_hub_with_each_replica_count() {
+    let az = crate::blob::azurite();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("scaleout.json");
+    let out = twinroute()
+        .args(["loadtest", "--scaleout", "1,2", "--events", "400", "--payload-bytes", "256", "--quiet"])
+        .args(["--round-limit", "60s", "--blob-service", &az.blob, "--ca-file"])
+        .arg(&az.ca)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("events/s") && stdout.contains("partitions each"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{report}");
+    for (round, replicas) in rounds.iter().zip([1u64, 2]) {
+        assert_eq!(round["replicas"], replicas, "{round}");
+        assert_eq!(round["published"], 400, "{round}");
+        assert_eq!(round["routed"], 400, "every event, once or more: {round}");
+        assert_eq!(round["complete"], true, "{round}");
+        assert!(round["events_per_second"].as_f64().unwrap() > 0.0, "{round}");
+        let owned: Vec<u64> =
+            round["owned_partitions"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(owned.len() as u64, replicas, "{round}");
+        let sum: u64 = owned.iter().sum();
+        assert!(sum > 0 && sum <= 8, "the 8 partitions, each owned once at most: {round}");
+    }
+    // One replica reads all 8 partitions itself.
+    assert_eq!(rounds[0]["owned_partitions"][0], 8, "{report}");
+    assert_eq!(rounds[0]["duplicates"], 0, "nothing moves with one replica: {report}");
+}
+
 /// `--endpoints`: the load goes through the delivery pipeline to the configuration's endpoints.
 #[test]
 fn loadtest_through_a_configurations_endpoints_delivers_everything() {

@@ -195,6 +195,25 @@ impl Broker {
         }
     }
 
+    pub fn publish(
+        &self,
+        namespace: &str,
+        hub: &str,
+        partition_key: Option<&str>,
+        encoded: &[Vec<u8>],
+    ) -> Result<usize, String> {
+        let ns = self.namespace_named(namespace).ok_or_else(|| format!("no namespace {namespace:?}"))?;
+        let hub = ns.hub(hub).ok_or_else(|| format!("no event hub {hub:?} in {namespace}"))?;
+        let messages = encoded
+            .iter()
+            .map(|bytes| {
+                Body::<Value>::decode_message_from_reader(serde_amqp::read::SliceReader::new(bytes))
+                    .map_err(|e| format!("not an encoded AMQP message: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(hub.assign(partition_key).append(messages))
+    }
+
     pub fn stored(&self, namespace: &str, entity: &str) -> Vec<StoredMessage> {
         let Some(namespace) = self.namespace_named(namespace) else { return Vec::new() };
         let address = Address::parse(entity);
