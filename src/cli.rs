@@ -185,6 +185,20 @@ pub(crate) fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, Exi
     })
 }
 
+/// The daemon's runtime as `[runtime]` says: one thread (current-thread runtime) or a
+/// multi-threaded one.
+fn daemon_runtime(config: &crate::config::RuntimeConfig) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let built = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    built.map_err(|e| {
+        eprintln!("twinroute: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("twinroute: {e}");
@@ -376,7 +390,7 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
     // Under systemd (`Type=notify`): READY=1, watchdog keep-alives, STOPPING=1, STATUS= lines.
     // Without NOTIFY_SOCKET it sends nothing.
     let notifier = std::sync::Arc::new(crate::systemd::Notifier::from_env());
-    let runtime = match runtime(true) {
+    let runtime = match daemon_runtime(&config.runtime) {
         Ok(r) => r,
         Err(code) => return code,
     };

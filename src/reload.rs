@@ -103,6 +103,7 @@ fn restart_only(config: &Config) -> serde_json::Value {
         "identity": config.identity,
         "standins": config.standins,
         "sources": config.sources,
+        "runtime": config.runtime,
         "delivery": {
             "queue_capacity": d.queue_capacity,
             "max_queued_bytes": d.max_queued_bytes,

@@ -474,6 +474,27 @@ pub const DEFAULT_RELOAD_POLL_INTERVAL_MS: u64 = 1000;
 /// The shortest poll interval accepted: faster polling buys nothing an operator would notice.
 pub const MIN_RELOAD_POLL_INTERVAL_MS: u64 = 100;
 
+/// Most threads `runtime.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+/// `[runtime]`: how many threads run ingest, routing and delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RuntimeConfig {
+    /// 1 (the default): one thread runs everything (HTTP ingest, routing, delivery and the AMQP
+    /// connections), with no hand-offs between threads: the least CPU per event, and on a
+    /// two-core machine as fast as several threads. More: a multi-threaded runtime with this
+    /// many workers, plus one thread for every AMQP connection; 0: one worker per core. (The
+    /// disk spool's writer and the blocking file work have threads of their own either way.)
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { worker_threads: 1 }
+    }
+}
+
 /// `[reload]`: hot reload of the configuration file (see `crate::reload`). SIGHUP reloads
 /// whatever these say; they only decide whether the file is also watched.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -601,6 +622,8 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     /// `[reload]`: whether the file is watched for changes.
     pub reload: ReloadConfig,
+    /// `[runtime]`: the threads that run twinroute.
+    pub runtime: RuntimeConfig,
     /// Where this configuration came from, for messages.
     pub origin: String,
     /// [`text_digest`] of the text it was parsed from: the file watcher compares the file with it,
@@ -634,7 +657,7 @@ impl Config {
     }
 }
 
-const TOP_LEVEL_KEYS: [&str; 12] = [
+const TOP_LEVEL_KEYS: [&str; 13] = [
     "state_dir",
     "ingest",
     "admin",
@@ -647,6 +670,7 @@ const TOP_LEVEL_KEYS: [&str; 12] = [
     "routes",
     "sources",
     "reload",
+    "runtime",
 ];
 
 /// Deserializes one section, reporting unknown keys and type errors with their full path.
@@ -785,6 +809,13 @@ impl Config {
         let identity: IdentityConfig = section("identity", top.get("identity"), &mut problems);
         let standins: StandinsConfig = section("standins", top.get("standins"), &mut problems);
         let reload: ReloadConfig = section("reload", top.get("reload"), &mut problems);
+        let runtime: RuntimeConfig = section("runtime", top.get("runtime"), &mut problems);
+        if runtime.worker_threads > MAX_WORKER_THREADS {
+            problems.push(format!(
+                "runtime.worker_threads: {} is too many (at most {MAX_WORKER_THREADS}; 0 means one per core)",
+                runtime.worker_threads
+            ));
+        }
         if reload.poll_interval_ms < MIN_RELOAD_POLL_INTERVAL_MS {
             problems.push(format!(
                 "reload.poll_interval_ms: {} is too short (at least {MIN_RELOAD_POLL_INTERVAL_MS})",
@@ -901,6 +932,7 @@ impl Config {
             routes,
             sources,
             reload,
+            runtime,
             origin: origin.to_owned(),
             digest: 0,
         })
@@ -1003,6 +1035,19 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("bogus") && text.contains("entity_path"), "{text}");
         assert!(!text.contains("TOPSECRET"), "{text}");
+    }
+
+    #[test]
+    fn one_thread_runs_everything_unless_more_are_asked_for() {
+        assert_eq!(load("").unwrap().runtime.worker_threads, 1);
+        assert_eq!(load("[runtime]\nworker_threads = 4\n").unwrap().runtime.worker_threads, 4);
+        assert_eq!(load("[runtime]\nworker_threads = 0\n").unwrap().runtime.worker_threads, 0);
+        let env = HashMap::from([("TWINROUTE_RUNTIME__WORKER_THREADS".to_owned(), "3".to_owned())]);
+        assert_eq!(Config::from_toml("", "t", Some(env)).unwrap().runtime.worker_threads, 3);
+        let err = load("[runtime]\nworker_threads = 100000\n").unwrap_err().to_string();
+        assert!(err.contains("runtime.worker_threads: 100000 is too many"), "{err}");
+        let err = load("[runtime]\nthreads = 2\n").unwrap_err().to_string();
+        assert!(err.contains("runtime.threads: unknown key"), "{err}");
     }
 
     #[test]

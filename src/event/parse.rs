@@ -25,36 +25,85 @@ impl<'de> serde::Deserialize<'de> for RawObject<'de> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object (one CloudEvent)")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(10);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    members.push((key, value));
-                }
-                Ok(RawObject(members))
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                object_members(map)
             }
         }
         d.deserialize_map(V)
     }
 }
 
-/// A JSON array's elements, left unparsed.
-struct RawArray<'a>(Vec<&'a RawValue>);
+fn object_members<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawObject<'de>, A::Error> {
+    let mut members = Vec::with_capacity(10);
+    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        let value: &'de RawValue = map.next_value()?;
+        members.push((key, value));
+    }
+    Ok(RawObject(members))
+}
 
-impl<'de> serde::Deserialize<'de> for RawArray<'de> {
+/// One element of a batch: an object's members (values left unparsed), or what else it is.
+enum Element<'a> {
+    Object(RawObject<'a>),
+    /// Not an object: what it is, for the error message.
+    Other(&'static str),
+}
+
+impl<'de> serde::Deserialize<'de> for Element<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = RawArray<'de>;
+            type Value = Element<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                object_members(map).map(Element::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Element::Other("an array"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Element::Other("a string"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Element::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Element::Other("null"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A batch's elements, each read once: the whole batch is scanned in one pass.
+struct Elements<'a>(Vec<Element<'a>>);
+
+impl<'de> serde::Deserialize<'de> for Elements<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Elements<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON array of CloudEvents")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(16));
-                while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                while let Some(item) = seq.next_element::<Element<'de>>()? {
                     items.push(item);
                 }
-                Ok(RawArray(items))
+                Ok(Elements(items))
             }
         }
         d.deserialize_seq(V)
@@ -92,19 +141,47 @@ struct EventBuilder {
     extensions: Vec<(Box<str>, ExtensionValue)>,
     data: Option<EventData>,
     problems: Vec<EventProblem>,
-    seen: Vec<String>,
+    /// The members given so far: a bit per context attribute and `data`/`data_base64`
+    /// ([`KNOWN_MEMBERS`]), the names of the others.
+    seen_known: u16,
+    seen_other: Vec<Box<str>>,
 }
+
+/// The members whose repeats are noted with a bit.
+const KNOWN_MEMBERS: [&str; 11] = [
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "traceparent",
+    "data",
+    "data_base64",
+];
 
 impl EventBuilder {
     /// Records that `name` was given, reporting a repeat (a JSON object with the same member twice,
     /// or the same `ce-` header twice: which one wins would be a guess).
     fn first_time(&mut self, name: &str) -> bool {
-        if self.seen.iter().any(|s| s == name) {
+        let repeated = match KNOWN_MEMBERS.iter().position(|k| *k == name) {
+            Some(i) => {
+                let seen = self.seen_known & 1 << i != 0;
+                self.seen_known |= 1 << i;
+                seen
+            }
+            None if self.seen_other.iter().any(|s| &**s == name) => true,
+            None => {
+                self.seen_other.push(name.into());
+                false
+            }
+        };
+        if repeated {
             self.problems.push(EventProblem::attr(name, "given more than once"));
-            return false;
         }
-        self.seen.push(name.to_owned());
-        true
+        !repeated
     }
 
     fn slot(&mut self, name: &str) -> Option<&mut Option<String>> {
@@ -319,18 +396,17 @@ pub fn parse_structured(bytes: &[u8]) -> Result<CloudEvent, Vec<EventProblem>> {
 /// Parses a batch (`application/cloudevents-batch+json`): all events, or every problem of every
 /// event, each with its index. A batch is accepted or refused as a whole.
 pub fn parse_batch(bytes: &[u8]) -> Result<Vec<CloudEvent>, Vec<EventProblem>> {
-    let items = match serde_json::from_slice::<RawArray>(bytes) {
+    let items = match serde_json::from_slice::<Elements>(bytes) {
         Ok(items) => items.0,
         Err(e) => return Err(vec![syntax_problem(&e)]),
     };
     let mut events = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
-    for (index, raw) in items.into_iter().enumerate() {
-        let result = match serde_json::from_str::<RawObject>(raw.get()) {
-            Ok(object) => from_object(object),
-            Err(_) => Err(vec![EventProblem::whole(format!(
-                "expected a JSON object (one CloudEvent), found {}",
-                json_kind(raw)
+    for (index, item) in items.into_iter().enumerate() {
+        let result = match item {
+            Element::Object(object) => from_object(object),
+            Element::Other(kind) => Err(vec![EventProblem::whole(format!(
+                "expected a JSON object (one CloudEvent), found {kind}"
             ))]),
         };
         match result {
@@ -547,6 +623,52 @@ mod tests {
         assert_eq!(idx, [Some(1), Some(1), Some(1), Some(2)]);
         assert!(parse_batch(ok.as_bytes()).is_err());
         assert!(parse_batch(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn batch_elements_that_are_not_objects_say_what_they_are() {
+        let ok = r#"{"specversion":"1.0","id":"1","source":"s","type":"t"}"#;
+        let err =
+            parse_batch(format!(r#"[{ok},"x",[1,{{"a":2}}],true,null,-1.5,{ok}]"#).as_bytes()).unwrap_err();
+        let found: Vec<_> = err.iter().map(|p| (p.index, p.message.clone())).collect();
+        let expected: Vec<_> =
+            [(1, "a string"), (2, "an array"), (3, "a boolean"), (4, "null"), (5, "a number")]
+                .into_iter()
+                .map(|(i, kind)| (Some(i), format!("expected a JSON object (one CloudEvent), found {kind}")))
+                .collect();
+        assert_eq!(found, expected);
+        // A syntax error anywhere refuses the whole batch as JSON.
+        let p = parse_batch(format!(r#"[{ok},{{"id":]"#).as_bytes()).unwrap_err();
+        assert!(p.len() == 1 && p[0].index.is_none() && p[0].message.starts_with("not valid JSON"), "{p:?}");
+        assert!(parse_batch(br#"{"not":"an array"}"#).unwrap_err()[0].message.starts_with("not valid JSON"));
+    }
+
+    #[test]
+    fn every_repeated_member_is_refused_once_per_repeat() {
+        let p = problems(
+            r#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{},"data":{},"ext":"a","ext":"b","traceparent":"00-2aa957558db348f387ef704b37631a1d-96f834571bf4fe45-01","traceparent":"x","ext":"c"}"#,
+        );
+        assert_eq!(
+            p,
+            [
+                (Some("data".into()), "given more than once".into()),
+                (Some("ext".into()), "given more than once".into()),
+                (Some("traceparent".into()), "given more than once".into()),
+                (Some("ext".into()), "given more than once".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_ascii_and_beyond() {
+        for id in [r"a\u0007b", r"a\u007fb", r"caf\u00e9\u0085"] {
+            let p = problems(&format!(r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"t"}}"#));
+            assert_eq!(p, [(Some("id".into()), "must not contain control characters".into())], "{id}");
+        }
+        assert!(parse_structured(
+            r#"{"specversion":"1.0","id":"café ✓","source":"s","type":"t"}"#.as_bytes()
+        )
+        .is_ok());
     }
 
     #[test]

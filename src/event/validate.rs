@@ -81,7 +81,13 @@ pub(crate) fn plain_string(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("must not be empty".into());
     }
-    if value.chars().any(char::is_control) {
+    // ASCII (nearly always) checked byte by byte; otherwise by character, for the C1 controls.
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b.is_ascii_control())
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return Err("must not contain control characters".into());
     }
     Ok(())

@@ -713,9 +713,15 @@ impl QueueReader for DiskReader {
                 }
             };
             if let Some((from, upto)) = from {
-                let n = self.read_from_disk(buffer, from, upto, max);
+                let (n, failed) = self.read_from_disk(buffer, from, upto, max);
                 if n > 0 {
                     return n;
+                }
+                if failed {
+                    // Wait before trying again without holding up the thread (on the default
+                    // single-threaded runtime, everything else runs on it too).
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
                 // A stretch of other endpoints' records: let other tasks run between scans.
                 tokio::task::yield_now().await;
@@ -736,12 +742,20 @@ impl QueueReader for DiskReader {
 
 impl DiskReader {
     /// Reads up to `max` of this consumer's events in `from..=upto` from disk into `buffer`
-    /// and moves the consumer's disk position past what it scanned.
-    fn read_from_disk(&self, buffer: &mut Vec<Arc<Envelope>>, from: u64, upto: u64, max: usize) -> usize {
+    /// and moves the consumer's disk position past what it scanned; also says whether a read
+    /// failed (the position then stays at the record that could not be read).
+    fn read_from_disk(
+        &self,
+        buffer: &mut Vec<Arc<Envelope>>,
+        from: u64,
+        upto: u64,
+        max: usize,
+    ) -> (usize, bool) {
         let ids = &self.consumer.ids;
         let mut next = from;
         let mut taken = Vec::new();
         let mut exhausted = true;
+        let mut failed = false;
         for (scanned, guard) in self.shared.events.range(from.to_be_bytes()..=upto.to_be_bytes()).enumerate()
         {
             if taken.len() >= max || scanned >= SCAN_LIMIT {
@@ -753,7 +767,7 @@ impl DiskReader {
                 Err(e) => {
                     // Leave the position where it is; the next read tries again.
                     tracing::error!(endpoint = %self.consumer.name, error = %describe(&e), "reading the spool failed");
-                    std::thread::sleep(Duration::from_millis(100));
+                    failed = true;
                     exhausted = false;
                     break;
                 }
@@ -790,7 +804,7 @@ impl DiskReader {
         if st.disk_from.is_none() {
             st.waiting = st.memory.len() as u64;
         }
-        n
+        (n, failed)
     }
 }
 

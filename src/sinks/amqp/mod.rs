@@ -150,16 +150,26 @@ pub struct AmqpClient {
 /// through an fe2o3 sender too.)
 pub(crate) struct AmqpThread {
     handle: tokio::runtime::Handle,
-    /// Dropped with the client: the thread then winds down.
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Dropped with the client: the thread then winds down (none when the runtime is the
+    /// caller's own single-threaded one).
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl AmqpThread {
-    /// The thread every client shares: one thread wakes for the batches of all endpoints at
-    /// once (a request's events fan out to several endpoints together), instead of one per
-    /// endpoint; context switches are most of what AMQP delivery costs at moderate rates. It
-    /// stops when the last client using it is dropped, and a new one starts when needed.
+    /// The thread every client shares: on the daemon's default single-threaded runtime
+    /// (`runtime.worker_threads = 1`) that runtime itself, so a delivery runs on the thread that
+    /// accepted its events with no hand-off at all; on a multi-threaded runtime one thread that
+    /// wakes for the batches of all endpoints at once (a request's events fan out to several
+    /// endpoints together), instead of one per endpoint: context switches are most of what AMQP
+    /// delivery costs at moderate rates. That thread stops when the last client using it is
+    /// dropped, and a new one starts when needed.
     fn shared() -> std::io::Result<Arc<Self>> {
+        // A single-threaded runtime already is such a thread: run on it, with no hand-offs.
+        if let Ok(current) = tokio::runtime::Handle::try_current() {
+            if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+                return Ok(Arc::new(Self { handle: current, _stop: None }));
+            }
+        }
         static SHARED: std::sync::Mutex<std::sync::Weak<AmqpThread>> =
             std::sync::Mutex::new(std::sync::Weak::new());
         let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -186,7 +196,7 @@ impl AmqpThread {
                 }
             });
         })?;
-        Ok(Self { handle, _stop: stop })
+        Ok(Self { handle, _stop: Some(stop) })
     }
 
     /// Runs `f` on this thread and waits for it; dropping the returned future cancels `f`.
