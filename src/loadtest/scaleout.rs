@@ -13,6 +13,11 @@
 //! partitions each ended up owning, and the duplicates (events routed twice, when a partition
 //! moved between replicas before its checkpoint caught up).
 //!
+//! Duplicates come from partitions handed over while being read: the new owner starts at the
+//! last checkpoint, and the old one reads on until the new owner's receiver (with the
+//! processor's owner level) displaces it. Replicas that start together hand partitions over
+//! several times while the ownership settles; the counts show what that costs.
+//!
 //! All replicas, the stand-ins and Azurite share this machine's cores, so on a small machine
 //! more replicas cannot go faster: the rounds show the cost of coordination, not a cluster's
 //! capacity.
@@ -84,7 +89,8 @@ pub struct RoundReport {
     pub cpu_cores: f64,
     /// The largest resident set of each replica, MB.
     pub rss_mb: Vec<f64>,
-    /// Partitions each replica owned at the end.
+    /// Partitions each replica said it owned at the end (its own view: a partition being handed
+    /// over can show on two replicas until the new owner's receiver displaces the old one).
     pub owned_partitions: Vec<u64>,
     /// Whether every event was routed within the round's time limit.
     pub complete: bool,
