@@ -17,6 +17,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// How long an Event Hubs source may take to stop (last checkpoints, ownerships given up).
+const SOURCE_STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -126,6 +129,10 @@ pub struct Running {
     stop_servers: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     sources: Vec<JoinHandle<()>>,
+    /// Sources that finish on their own when told to stop (Event Hubs: last checkpoints,
+    /// ownerships given up), and the signal.
+    graceful: Vec<JoinHandle<()>>,
+    stop_sources: watch::Sender<bool>,
     input: Option<JoinHandle<std::io::Result<NdjsonReport>>>,
     /// In-process stand-ins; dropped (stopped) after everything else.
     _standins: Standins,
@@ -230,6 +237,8 @@ impl Running {
         let (stop_servers, stop_rx) = watch::channel(false);
         let mut servers = Vec::new();
         let mut sources = Vec::new();
+        let mut graceful = Vec::new();
+        let (stop_sources, sources_stop) = watch::channel(false);
         let (mut ingest_addr, mut admin_addr) = (None, None);
         let (mut ingest_socket, mut admin_socket) = (None, None);
         let mut input = None;
@@ -265,11 +274,15 @@ impl Running {
                 let max = config.ingest.max_event_bytes;
                 let source = source.clone();
                 let identity = identity.clone();
+                if let SourceConfig::Eventhubs(hub) = source {
+                    let stop = sources_stop.clone();
+                    graceful
+                        .push(tokio::spawn(ingest::eventhubs::run(name, *hub, dispatcher, identity, stop)));
+                    continue;
+                }
                 sources.push(tokio::spawn(async move {
                     match source {
-                        SourceConfig::Eventhubs(hub) => {
-                            ingest::eventhubs::run(name, *hub, dispatcher, identity).await
-                        }
+                        SourceConfig::Eventhubs(_) => unreachable!("started above"),
                         SourceConfig::Sample { events_per_second, twins, limit } => {
                             ingest::sample::run(&dispatcher, events_per_second, twins, limit).await
                         }
@@ -312,6 +325,8 @@ impl Running {
             stop_servers,
             servers,
             sources,
+            graceful,
+            stop_sources,
             input,
             reloader,
             _standins: standins,
@@ -348,6 +363,17 @@ impl Running {
         self.dispatcher.close_intake();
         for source in &self.sources {
             source.abort();
+        }
+        // Event Hubs inputs checkpoint what was accepted (when it is on disk) and give up their
+        // partitions, so another replica takes them at once instead of after the ownership
+        // expires; bounded, then stopped regardless.
+        let _ = self.stop_sources.send(true);
+        for source in self.graceful {
+            let abort = source.abort_handle();
+            if tokio::time::timeout(SOURCE_STOP_GRACE, source).await.is_err() {
+                tracing::warn!("an event hubs source did not stop within {SOURCE_STOP_GRACE:?}; stopping it");
+                abort.abort();
+            }
         }
         if let Some(i) = &self.input {
             i.abort();

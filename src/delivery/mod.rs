@@ -522,6 +522,12 @@ impl Dispatcher {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Whether an accepted event is on disk (a disk spool) rather than only in memory: what an
+    /// input may promise its source when it acknowledges events (an Event Hubs checkpoint).
+    pub fn durable(&self) -> bool {
+        self.queues.spills()
+    }
+
     /// Stops intake, lets every queue drain for up to `deadline`, then stops what is left.
     /// Returns, per endpoint, the events that were not delivered (empty when all drained).
     pub async fn shutdown(&self, deadline: Duration) -> Vec<(String, u64)> {

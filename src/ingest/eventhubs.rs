@@ -62,6 +62,8 @@ const SUBMIT_BATCH: usize = 64;
 const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// How long a partition waits before offering a refused batch again (backpressure).
 const FULL_WAIT: Duration = Duration::from_millis(50);
+/// How long the partition readers may take to write their last checkpoints when twinroute stops.
+const READERS_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait before building the processor again after it failed.
 const RESTART_WAIT: Duration = Duration::from_secs(3);
 /// The metrics `source` label of events from this input.
@@ -236,11 +238,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the source until the task is aborted (at shutdown), building the processor again after
 /// any failure (a checkpoint store or hub that cannot be reached, a lost connection).
+///
+/// When `stop` turns true (twinroute is stopping, intake already closed) it stops reading,
+/// checkpoints what the dispatcher accepted if that is on disk, gives up its partitions' ownership
+/// so other replicas take them at their next balancing instead of after the ownership expires,
+/// and returns.
 pub async fn run(
     name: String,
     config: EventHubsSourceConfig,
     dispatcher: Arc<Dispatcher>,
     identity: Arc<IdentityProvider>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let owned: Owned = Default::default();
     // This process's owner id in the ownership blobs (also its connection's name), kept across
@@ -250,13 +258,16 @@ pub async fn run(
     let metrics = tokio::spawn(measure(name.clone(), config.clone(), identity.clone(), owned.clone()));
     let _stop_metrics = AbortOnDrop(metrics);
     loop {
-        match run_once(&name, &config, &dispatcher, &identity, &owned, &owner_id).await {
+        match run_once(&name, &config, &dispatcher, &identity, &owned, &owner_id, stop.clone()).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(source = %name, error = %e, "event hubs source failed; starting again");
             }
         }
-        tokio::time::sleep(RESTART_WAIT).await;
+        tokio::select! {
+            () = tokio::time::sleep(RESTART_WAIT) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 
@@ -345,7 +356,11 @@ async fn run_once(
     identity: &IdentityProvider,
     owned: &Owned,
     owner_id: &str,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), EventHubsSourceError> {
+    if *stopping.borrow() {
+        return Ok(());
+    }
     let credential = credential(config, identity)?;
     let container = checkpoint_container(config, credential.clone())?;
     let consumer = open_consumer(config, credential, owner_id).await?;
@@ -369,7 +384,7 @@ async fn run_once(
     let _watch = AbortOnDrop(tokio::spawn(watch_ownership(
         name.to_owned(),
         config.clone(),
-        store,
+        store.clone(),
         owner_id.to_owned(),
         owned.clone(),
     )));
@@ -380,8 +395,11 @@ async fn run_once(
         tokio::spawn(async move { processor.run().await })
     };
     let mut runner = runner;
+    // Told to the readers when twinroute stops: each ends after its last checkpoint.
+    let (finish_readers, finishing) = tokio::sync::watch::channel(false);
     let result = loop {
         tokio::select! {
+            _ = stopping.wait_for(|s| *s) => break Ok(()),
             finished = &mut runner => {
                 let message = match finished {
                     Ok(Ok(())) => "the processor stopped".to_owned(),
@@ -399,11 +417,12 @@ async fn run_once(
                         let (name, dispatcher, config, owned) =
                             (name.to_owned(), dispatcher.clone(), config.clone(), owned.clone());
                         let mut stopped = stop.subscribe();
+                        let finishing = finishing.clone();
                         let handle = tokio::runtime::Handle::current();
                         partitions.spawn_blocking(move || {
                             handle.block_on(async move {
                                 tokio::select! {
-                                    broken = read_partition(name, client, dispatcher, config, owned) => broken,
+                                    broken = read_partition(name, client, dispatcher, config, owned, finishing) => broken,
                                     _ = stopped.changed() => None,
                                 }
                             })
@@ -422,12 +441,81 @@ async fn run_once(
             }
         }
     };
+    // No more renewals or claims from this process.
     runner.abort();
+    if result.is_ok() {
+        // Stopping: let the readers write their last checkpoints, then give the partitions up.
+        let _ = finish_readers.send(true);
+        let finished = async { while partitions.join_next().await.is_some() {} };
+        if tokio::time::timeout(READERS_STOP_GRACE, finished).await.is_err() {
+            tracing::warn!(source = %name, "partition readers did not finish within {READERS_STOP_GRACE:?}");
+        }
+        relinquish(name, config, &store, owner_id).await;
+    }
     drop(stop);
     while partitions.join_next().await.is_some() {}
     lock(owned).clear();
     metrics::gauge!("twinroute_eventhubs_owned_partitions", "source" => name.to_owned()).set(0.0);
     result
+}
+
+/// Each partition's checkpointed sequence number (none when the checkpoints cannot be read).
+async fn checkpointed(
+    name: &str,
+    config: &EventHubsSourceConfig,
+    identity: &IdentityProvider,
+    store: &mut Option<Arc<BlobCheckpointStore>>,
+) -> HashMap<String, i64> {
+    use azure_messaging_eventhubs::CheckpointStore as _;
+    if store.is_none() {
+        match credential(config, identity).and_then(|c| checkpoint_container(config, c)) {
+            Ok(container) => *store = Some(BlobCheckpointStore::new(container)),
+            Err(e) => {
+                tracing::debug!(source = %name, error = %e, "checkpoints not read for the lag");
+                return HashMap::new();
+            }
+        }
+    }
+    let store = store.as_ref().expect("set above");
+    match store.list_checkpoints(&config.namespace, &config.hub, &config.consumer_group).await {
+        Ok(list) => list.into_iter().filter_map(|c| Some((c.partition_id, c.sequence_number?))).collect(),
+        Err(e) => {
+            tracing::debug!(source = %name, error = %crate::sinks::http::error_chain(&e), "checkpoints not read for the lag");
+            HashMap::new()
+        }
+    }
+}
+
+/// Gives up this process's ownerships (an empty owner, as the SDKs' processors do when they
+/// stop), so the other replicas claim the partitions at their next balancing.
+async fn relinquish(name: &str, config: &EventHubsSourceConfig, store: &BlobCheckpointStore, owner_id: &str) {
+    use azure_messaging_eventhubs::CheckpointStore as _;
+    let listed = store.list_ownerships(&config.namespace, &config.hub, &config.consumer_group).await;
+    let ours: Vec<_> = match listed {
+        Ok(all) => all
+            .into_iter()
+            .filter(|o| o.owner_id.as_deref() == Some(owner_id))
+            .map(|mut o| {
+                o.owner_id = None;
+                o
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(source = %name, error = %crate::sinks::http::error_chain(&e), "ownerships not listed; the partitions move when they expire");
+            return;
+        }
+    };
+    if ours.is_empty() {
+        return;
+    }
+    match store.claim_ownership(&ours).await {
+        Ok(given_up) => {
+            tracing::info!(source = %name, partitions = given_up.len(), "partition ownerships given up")
+        }
+        Err(e) => {
+            tracing::warn!(source = %name, error = %crate::sinks::http::error_chain(&e), "ownerships not given up; the partitions move when they expire")
+        }
+    }
 }
 
 /// Every load-balancing interval: tells the reader of each partition whose ownership blob names
@@ -478,8 +566,11 @@ async fn read_partition(
     dispatcher: Arc<Dispatcher>,
     config: EventHubsSourceConfig,
     owned: Owned,
+    mut finishing: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
     let partition = client.get_partition_id().to_owned();
+    // What the dispatcher accepts is on disk: a checkpoint may cover it even when stopping.
+    let durable = dispatcher.durable();
     // Set when the connection itself is broken: the SDK does not recover from that, so the
     // whole processor is built again.
     let mut broken = None;
@@ -518,9 +609,14 @@ async fn read_partition(
             } else {
                 interval
             };
+            let mut stopping = false;
             let next = tokio::select! {
                 next = tokio::time::timeout(wait, stream.next()) => next,
                 _ = revoked.notified() => Ok(None),
+                _ = finishing.wait_for(|f| *f) => {
+                    stopping = true;
+                    Ok(None)
+                }
             };
             let mut ended = None;
             match next {
@@ -550,24 +646,33 @@ async fn read_partition(
                     }
                     ended = Some(format!("receive failed: {text}"))
                 }
+                Ok(None) if stopping => ended = Some("twinroute is stopping".to_owned()),
                 Ok(None) => ended = Some("the receiver was closed (ownership moved)".to_owned()),
                 Err(_elapsed) => {}
             }
-            // Submit what is batched; the checkpoint may move only past accepted events.
+            // Submit what is batched; the checkpoint may move only past accepted events. (When
+            // stopping, intake is closed: the batch is refused and read again by the next owner.)
             if let Some(last) = last_in_batch.take() {
                 // For the lag gauge: once per batch, not per event.
                 if let (Some(seq), Some(state)) = (last.sequence_number(), lock(&owned).get_mut(&partition)) {
                     state.last_received = Some(seq);
                 }
-                if !submit(&dispatcher, &mut batch).await {
-                    break "twinroute is shutting down".to_owned();
+                if submit(&dispatcher, &mut batch).await {
+                    since_checkpoint += std::mem::take(&mut pending);
+                    uncheckpointed = Some(last);
+                } else {
+                    // Refused: twinroute is stopping. What was accepted before may still be
+                    // checkpointed below.
+                    batch.clear();
+                    stopping = true;
+                    ended = Some("twinroute is stopping".to_owned());
                 }
-                since_checkpoint += std::mem::take(&mut pending);
-                uncheckpointed = Some(last);
             }
             let due =
                 since_checkpoint >= config.checkpoint_every_events || last_checkpoint.elapsed() >= interval;
-            if (due || ended.is_some()) && uncheckpointed.is_some() {
+            // When stopping with the spool in memory, what was accepted may yet be lost with the
+            // process: no last checkpoint, the next owner reads it again.
+            if (due || ended.is_some()) && uncheckpointed.is_some() && (!stopping || durable) {
                 let event = uncheckpointed.take().expect("checked");
                 match client.update_checkpoint(&event).await {
                     Ok(()) => {
@@ -701,6 +806,7 @@ async fn measure(name: String, config: EventHubsSourceConfig, identity: Arc<Iden
     let mut ticker = tokio::time::interval(seconds(config.metrics_interval_seconds));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut management: Option<ConsumerClient> = None;
+    let mut store: Option<Arc<BlobCheckpointStore>> = None;
     loop {
         ticker.tick().await;
         let partitions: Vec<(String, Option<i64>, f64)> = lock(&owned)
@@ -728,13 +834,20 @@ async fn measure(name: String, config: EventHubsSourceConfig, identity: Arc<Iden
             }
         }
         let client = management.as_ref().expect("set above");
+        // A partition that received nothing since it was taken is read from its checkpoint: the
+        // lag counts from there (a caught-up partition taken over has none).
+        let checkpoints = if partitions.iter().any(|(_, last, _)| last.is_none()) {
+            checkpointed(&name, &config, &identity, &mut store).await
+        } else {
+            HashMap::new()
+        };
         for (partition, last_received, _) in partitions {
             match client.get_partition_properties(&partition).await {
                 Ok(p) => {
-                    let lag = match last_received {
+                    let lag = match last_received.or_else(|| checkpoints.get(&partition).copied()) {
                         Some(seq) => (p.last_enqueued_sequence_number - seq).max(0),
                         None if p.is_empty => 0,
-                        // Nothing received yet: everything retained is still ahead, at most.
+                        // No checkpoint and nothing received yet: everything retained is ahead.
                         None => (p.last_enqueued_sequence_number - p.beginning_sequence_number + 1).max(0),
                     };
                     metrics::gauge!("twinroute_eventhubs_partition_lag", "source" => name.clone(), "partition" => partition)

@@ -361,3 +361,118 @@ async fn replicas_share_a_hub_and_take_over_a_killed_ones_partitions() {
     drop(replicas);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+impl Replica {
+    /// SIGTERM (a rolling update's stop) and the exit status. Waits without blocking the
+    /// test's runtime: the stand-ins run on it, and the replica's stop talks to them.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        assert!(status.unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the replica did not stop within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A rolling update: a replica stopped with SIGTERM writes its last checkpoints (its spool is on
+/// disk) and gives its partitions up, so the replica that follows takes them at once, not after
+/// the ownership expires (60 s here), and reads nothing twice.
+#[tokio::test]
+async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
+    let az = azurite();
+    let (imds, credential) = identity().await;
+    let namespace = NamespaceDef {
+        hubs: vec![HubDef { name: HUB.into(), partition_count: PARTITIONS }],
+        ..NamespaceDef::default()
+    };
+    let amqp =
+        AmqpStandIn::start(AmqpConfig { namespaces: vec![namespace], ..Default::default() }).await.unwrap();
+    let container = unique("checkpoints");
+    within("creating the checkpoint container", create_container(&az, &container, credential.clone())).await;
+    let container_url = format!("{}/{container}", az.blob);
+    let root = tempfile::Builder::new().prefix("twinroute-rolling-").tempdir().unwrap().keep();
+    let where_logs = root.as_path().display().to_string();
+    let mut replicas: Vec<Replica> =
+        (0..2).map(|n| Replica::new(root.as_path(), n, &imds, &amqp, &container_url, &az.ca)).collect();
+    for r in &replicas {
+        // Ownership that outlives the test unless it is given up; checkpoints only every
+        // 1,000 events or 60 s, so only the last checkpoint at the stop covers the events.
+        let text = std::fs::read_to_string(&r.config).unwrap();
+        let text = text
+            .replace("ownership_expiration_seconds = 5.0", "ownership_expiration_seconds = 60.0")
+            .replace("checkpoint_every_events = 20", "checkpoint_every_events = 1000")
+            .replace("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0");
+        std::fs::write(&r.config, text).unwrap();
+    }
+    let producer = within(
+        "opening the producer",
+        ProducerClient::builder().with_custom_endpoint(amqp.endpoint()).open(
+            DEFAULT_NAMESPACE,
+            HUB,
+            credential.clone(),
+        ),
+    )
+    .await
+    .expect("the producer connects");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    replicas[0].start();
+    publish(&producer, 0..200).await;
+    until(
+        Duration::from_secs(60),
+        &format!("the first replica did not route 200 events: see {where_logs}"),
+        async || replicas[0].routed().len() >= 200,
+    )
+    .await;
+    let stopping = Instant::now();
+    let status = replicas[0].terminate().await;
+    let stop_took = stopping.elapsed();
+    assert!(status.success(), "SIGTERM ends the replica cleanly: {status:?}");
+    let log = std::fs::read_to_string(replicas[0].dir.join("daemon-1.log")).unwrap();
+    assert!(log.contains("partition ownerships given up"), "{log}");
+    assert!(!log.contains("did not finish"), "the readers finish at once: {log}");
+    println!("the first replica stopped in {stop_took:?}");
+
+    let handed_over = Instant::now();
+    replicas[1].start();
+    until(
+        Duration::from_secs(30),
+        &format!("the partitions did not move at once: see {where_logs}"),
+        async || replicas[1].owned(&client).await == Some(PARTITIONS as u64),
+    )
+    .await;
+    let took = handed_over.elapsed();
+    assert!(took < Duration::from_secs(30), "took {took:?}, the ownership expiry is 60 s");
+    // Partitions taken over at a checkpoint at their end have no lag (an autoscaler on the lag
+    // must not see the retained events as work to do).
+    until(Duration::from_secs(20), "the taken-over partitions report lag", async || {
+        replicas[1].gauge_sum(&client, "twinroute_eventhubs_partition_lag").await == Some(0.0)
+    })
+    .await;
+    publish(&producer, 200..300).await;
+    until(
+        Duration::from_secs(60),
+        &format!("the second replica did not route the new events: see {where_logs}"),
+        async || replicas[1].routed().len() >= 100,
+    )
+    .await;
+    // A moment for anything read twice to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first: Vec<String> = replicas[0].routed();
+    let second: Vec<String> = replicas[1].routed();
+    let expected_first: HashSet<String> = (0..200).map(|i| format!("evt-{i}")).collect();
+    let expected_second: Vec<String> = (200..300).map(|i| format!("evt-{i}")).collect();
+    assert_eq!(first.iter().cloned().collect::<HashSet<_>>(), expected_first);
+    let mut second_sorted = second.clone();
+    second_sorted.sort_by_key(|id| id[4..].parse::<usize>().unwrap());
+    assert_eq!(second_sorted, expected_second, "the follower read only what came after the last checkpoints");
+    println!("handed over in {took:?}; routed {} + {}", first.len(), second.len());
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&root);
+}
