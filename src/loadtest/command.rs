@@ -69,8 +69,8 @@ pub struct LoadtestArgs {
     /// The daemon's process id, to read its CPU and memory use from /proc while loading it.
     #[arg(long, conflicts_with_all = ["endpoints", "compare", "scaleout"])]
     pid: Option<u32>,
-    /// Events per second in total, on a fixed schedule (open loop); `max` sends as fast as the
-    /// target takes them.
+    /// Events per second in total, on a fixed schedule (open loop); `FROM..TO` ramps linearly
+    /// from FROM at the start to TO at the end; `max` sends as fast as the target takes them.
     #[arg(long, default_value = "1000")]
     rate: String,
     /// How long to send: 10s, 500ms, 2m.
@@ -115,19 +115,17 @@ enum SpoolArg {
 
 /// `twinroute loadtest`.
 pub fn main(args: LoadtestArgs) -> ExitCode {
-    let rate = match args.rate.as_str() {
-        "max" => None,
-        text => match text.parse::<f64>() {
-            Ok(r) if r > 0.0 && r.is_finite() => Some(r),
-            _ => {
-                eprintln!("twinroute: --rate {text:?}: give events per second (> 0) or max");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
+    let (rate, ramp_to) = match parse_rate(&args.rate) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("twinroute: --rate {:?}: {message}", args.rate);
+            return ExitCode::from(EXIT_USAGE);
+        }
     };
     let options = LoadOptions {
         target: args.target.clone(),
         rate,
+        ramp_to,
         duration: args.duration,
         batch: args.batch as usize,
         connections: args.connections as usize,
@@ -231,6 +229,20 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// `--rate`: `max`, events per second, or a ramp `FROM..TO` (events per second at the start and
+/// at the end).
+fn parse_rate(text: &str) -> Result<(Option<f64>, Option<f64>), String> {
+    let positive = |t: &str| match t.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err("give events per second (> 0), a ramp FROM..TO (e.g. 100..2000) or max".to_owned()),
+    };
+    match text.split_once("..") {
+        _ if text == "max" => Ok((None, None)),
+        Some((from, to)) => Ok((Some(positive(from)?), Some(positive(to)?))),
+        None => Ok((Some(positive(text)?), None)),
+    }
 }
 
 /// The binary to run as the daemon: --daemon, or this one.
@@ -371,5 +383,21 @@ fn write_json(args: &LoadtestArgs, report: &impl serde::Serialize) -> Result<(),
             write(path, serde_json::to_string_pretty(report).expect("the report serializes") + "\n")
         }
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_are_a_number_a_ramp_or_max() {
+        assert_eq!(parse_rate("max"), Ok((None, None)));
+        assert_eq!(parse_rate("1000"), Ok((Some(1000.0), None)));
+        assert_eq!(parse_rate("100..2000"), Ok((Some(100.0), Some(2000.0))));
+        assert_eq!(parse_rate("2000..100"), Ok((Some(2000.0), Some(100.0))));
+        for bad in ["0", "-5", "fast", "100..", "..100", "0..100", "100..max", "NaN"] {
+            assert!(parse_rate(bad).unwrap_err().contains("FROM..TO"), "{bad}");
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct LoadOptions {
     pub target: String,
     /// Events per second in total; `None`: as fast as the server takes them (closed loop).
     pub rate: Option<f64>,
+    /// With a rate: ramp linearly from `rate` at the start to this at the end of `duration`.
+    pub ramp_to: Option<f64>,
     pub duration: Duration,
     /// Events per request.
     pub batch: usize,
@@ -79,6 +81,8 @@ pub struct LoadReport {
     pub target: String,
     /// The requested rate (events/s), or `null` for as fast as possible.
     pub rate: Option<f64>,
+    /// The rate at the end of a ramp (from `rate` at the start), or `null` for a constant rate.
+    pub ramp_to: Option<f64>,
     pub duration_seconds: f64,
     pub batch: usize,
     pub connections: usize,
@@ -115,7 +119,11 @@ pub struct LoadReport {
 impl LoadReport {
     /// The summary table printed at the end of a run.
     pub fn table(&self) -> String {
-        let rate = self.rate.map_or("max".to_owned(), |r| format!("{r:.0}/s"));
+        let rate = match (self.rate, self.ramp_to) {
+            (Some(from), Some(to)) => format!("ramp {from:.0}/s to {to:.0}/s"),
+            (Some(r), None) => format!("{r:.0}/s"),
+            (None, _) => "max".to_owned(),
+        };
         let mut out = format!(
             "target          {}\n\
              rate            {rate} for {:.1} s, {} events/request, {} connections\n\
@@ -396,6 +404,37 @@ fn percentiles(h: &Histogram<u64>) -> Percentiles {
     }
 }
 
+/// An open-loop arrival schedule: `from` events/s at the start, changing linearly to `to` at
+/// the end of `duration` seconds (a constant rate when they are equal), in requests of `batch`.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    from: f64,
+    to: f64,
+    duration: f64,
+    batch: f64,
+}
+
+impl Schedule {
+    /// When request `n` (from 0) is due after the start: when the events sent so far, the
+    /// integral of the rate `from + (to - from) t / duration`, reach `n * batch`. `None` past
+    /// what the schedule holds.
+    fn offset(&self, n: u64) -> Option<Duration> {
+        let events = n as f64 * self.batch;
+        let slope = (self.to - self.from) / self.duration.max(f64::MIN_POSITIVE);
+        let t = if slope.abs() < 1e-9 {
+            events / self.from
+        } else {
+            // slope/2 t² + from t - events = 0, the root that starts at t = 0.
+            let discriminant = self.from * self.from + 2.0 * slope * events;
+            if discriminant < 0.0 {
+                return None;
+            }
+            (discriminant.sqrt() - self.from) / slope
+        };
+        (t.is_finite() && t >= 0.0).then(|| Duration::from_secs_f64(t))
+    }
+}
+
 /// Runs the load against `target`, sampling `observers` about once a second.
 pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: Observers) -> LoadReport {
     let counters = Arc::new(Counters::default());
@@ -404,9 +443,14 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
     let started_unix = unix_nanos();
     let until = started + options.duration;
     let connections = options.connections.max(1);
-    // Each connection's interval between requests, for its share of the rate.
-    let interval =
-        options.rate.map(|r| Duration::from_secs_f64(options.batch as f64 * connections as f64 / r));
+    // When each request is due: the schedule's n-th request, n counting over all connections in
+    // turn (connection c sends requests c, c + connections, ...), so they are spread evenly.
+    let schedule = options.rate.map(|from| Schedule {
+        from,
+        to: options.ramp_to.unwrap_or(from),
+        duration: options.duration.as_secs_f64(),
+        batch: options.batch as f64,
+    });
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
     let received_before = observers.receipts.as_ref().map_or(0, |r| r.count());
     let measure_from = started + options.warmup.min(options.duration / 2);
@@ -421,18 +465,20 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
         let (batch, payload, twins) = (options.batch, options.payload_bytes, options.twins);
         let mut generator = SampleGenerator::new(twins, options.seed.wrapping_add(c as u64));
         tasks.push(tokio::spawn(async move {
-            // Connections start spread over one interval, not all at once.
-            let mut due = started + interval.map_or(Duration::ZERO, |i| i * c as u32 / connections as u32);
+            let mut n = c as u64;
             loop {
-                if interval.is_some() {
-                    if due >= until {
-                        break;
-                    }
+                let due = match &schedule {
+                    Some(s) => match s.offset(n) {
+                        Some(offset) if started + offset < until => started + offset,
+                        _ => break,
+                    },
+                    None if Instant::now() >= until => break,
+                    None => Instant::now(),
+                };
+                if schedule.is_some() {
                     tokio::time::sleep_until(due).await;
-                } else if Instant::now() >= until {
-                    break;
                 }
-                let sent_at = if interval.is_some() { due } else { Instant::now() };
+                let sent_at = due;
                 let stamp = started_unix + (sent_at - started).as_nanos();
                 let events = batch_values(&mut generator, batch, payload, stamp);
                 let outcome = target.send(c, events).await;
@@ -449,7 +495,7 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
                     }
                     SendOutcome::Refused => {
                         counters.refused.fetch_add(batch as u64, Ordering::Relaxed);
-                        if interval.is_none() {
+                        if schedule.is_none() {
                             // As fast as possible still means as a well-behaved client: back
                             // off briefly when told to, instead of hammering a full queue.
                             tokio::time::sleep(REFUSED_BACKOFF).await;
@@ -463,9 +509,7 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
                         }
                     }
                 }
-                if let Some(i) = interval {
-                    due += i;
-                }
+                n += connections as u64;
             }
         }));
     }
@@ -538,6 +582,7 @@ pub async fn run(options: &LoadOptions, target: Arc<dyn Target>, mut observers: 
     LoadReport {
         target: String::new(),
         rate: options.rate,
+        ramp_to: options.rate.and(options.ramp_to),
         duration_seconds: elapsed.as_secs_f64(),
         batch: options.batch,
         connections,
@@ -590,6 +635,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_constant_rate_spaces_requests_evenly() {
+        let s = Schedule { from: 200.0, to: 200.0, duration: 10.0, batch: 10.0 };
+        assert_eq!(s.offset(0), Some(Duration::ZERO));
+        assert_eq!(s.offset(1), Some(Duration::from_millis(50)));
+        assert_eq!(s.offset(200), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_ramp_sends_the_integral_of_its_rate() {
+        // 100/s rising to 300/s over 10 s: 2,000 events, 750 of them in the first half.
+        let up = Schedule { from: 100.0, to: 300.0, duration: 10.0, batch: 10.0 };
+        let within = |s: &Schedule, limit: f64| {
+            (0..1000).take_while(|&n| s.offset(n).unwrap().as_secs_f64() < limit).count()
+        };
+        assert_eq!(within(&up, 10.0), 200);
+        assert_eq!(within(&up, 5.0), 75);
+        // Requests get closer together as the rate rises: 1/100 s apart at first, 1/300 at the end.
+        let gap = |s: &Schedule, n: u64| (s.offset(n + 1).unwrap() - s.offset(n).unwrap()).as_secs_f64();
+        assert!((gap(&up, 0) - 0.1).abs() < 0.002, "{}", gap(&up, 0));
+        assert!((gap(&up, 198) - 10.0 / 300.0).abs() < 0.002, "{}", gap(&up, 198));
+        // Down again: the same total, most of it in the first half; nothing beyond the end.
+        let down = Schedule { from: 300.0, to: 100.0, duration: 10.0, batch: 10.0 };
+        assert_eq!(within(&down, 10.0), 200);
+        assert_eq!(within(&down, 5.0), 125);
+        assert!(down.offset(200).is_none_or(|t| t.as_secs_f64() >= 9.99));
+        assert!(down.offset(10_000).is_none(), "the rate would go negative past the end");
+    }
 
     #[test]
     fn durations_in_the_usual_units() {

@@ -311,6 +311,31 @@ async fn loadtest_drives_ingest_at_the_requested_rate_and_reports_it() {
     app.stop().await;
 }
 
+/// A ramp: the rate rises linearly over the run; the number sent is the integral of the rate,
+/// most of it in the second half (the per-second timeline shows the rise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_ramps_the_rate_over_the_run() {
+    let app = crate::helpers::spawn_app("[routes.all]\nendpoint_name = \"hub-a\"\n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("ramp.json");
+    let mut command = twinroute();
+    command
+        .args(["loadtest", "--target", &app.ingest, "--rate", "100..500", "--duration", "2s"])
+        .args(["--batch", "10", "--connections", "2", "--warmup", "0", "--quiet", "--json"])
+        .arg(&report_path);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ramp 100/s to 500/s"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    // (100 + 500) / 2 events/s for 2 s.
+    assert_eq!(report["events_sent"], 600, "{report}");
+    assert_eq!(report["events_accepted"], 600, "{report}");
+    assert_eq!((report["rate"].as_f64(), report["ramp_to"].as_f64()), (Some(100.0), Some(500.0)));
+    app.sink("hub-a").wait_for(600).await;
+    app.stop().await;
+}
+
 #[test]
 fn loadtest_refuses_bad_values_and_reports_an_unreachable_target() {
     let out = twinroute().args(["loadtest", "--rate", "fast"]).output().unwrap();
