@@ -274,19 +274,20 @@ impl Running {
                 let max = config.ingest.max_event_bytes;
                 let source = source.clone();
                 let identity = identity.clone();
-                if let SourceConfig::Eventhubs(hub) = source {
-                    let stop = sources_stop.clone();
-                    graceful
-                        .push(tokio::spawn(ingest::eventhubs::run(name, *hub, dispatcher, identity, stop)));
-                    continue;
-                }
-                sources.push(tokio::spawn(async move {
-                    match source {
-                        SourceConfig::Eventhubs(_) => unreachable!("started above"),
-                        SourceConfig::Sample { events_per_second, twins, limit } => {
+                match source {
+                    SourceConfig::Eventhubs(hub) => {
+                        let stop = sources_stop.clone();
+                        graceful.push(tokio::spawn(ingest::eventhubs::run(
+                            name, *hub, dispatcher, identity, stop,
+                        )));
+                    }
+                    SourceConfig::Sample { events_per_second, twins, limit } => {
+                        sources.push(tokio::spawn(async move {
                             ingest::sample::run(&dispatcher, events_per_second, twins, limit).await
-                        }
-                        SourceConfig::Ndjson { path } => {
+                        }));
+                    }
+                    SourceConfig::Ndjson { path } => {
+                        sources.push(tokio::spawn(async move {
                             let result = if path == "-" {
                                 ingest::ndjson::run(tokio::io::BufReader::new(tokio::io::stdin()), &name, &dispatcher, max).await
                             } else {
@@ -299,9 +300,9 @@ impl Running {
                                 Ok(r) => tracing::info!(source = %name, accepted = r.accepted, invalid = r.invalid, "source finished"),
                                 Err(e) => tracing::error!(source = %name, error = %e, "source failed"),
                             }
-                        }
+                        }));
                     }
-                }));
+                }
             }
         }
         if config.log.summary_interval_seconds > 0 {

@@ -171,29 +171,20 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The async runtime a command runs on (several threads for the daemon and loads, one for
-/// one-off requests), or the exit status after saying why there is none.
-pub(crate) fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
+/// The async runtime a command runs on, or the exit status after saying why there is none:
+/// `worker_threads` 1 is one thread (a current-thread runtime: one-off requests, and the daemon's
+/// default, `[runtime]`), more a multi-threaded runtime with that many workers, 0 one per core.
+pub(crate) fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
     };
     builder.enable_all().build().map_err(|e| {
-        eprintln!("twinroute: cannot start the async runtime: {e}");
-        ExitCode::FAILURE
-    })
-}
-
-/// The daemon's runtime as `[runtime]` says: one thread (current-thread runtime) or a
-/// multi-threaded one.
-fn daemon_runtime(config: &crate::config::RuntimeConfig) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let built = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    };
-    built.map_err(|e| {
         eprintln!("twinroute: cannot start the async runtime: {e}");
         ExitCode::FAILURE
     })
@@ -327,7 +318,7 @@ fn get_token(
     if let Some(endpoint) = imds_endpoint {
         identity.imds_endpoint = endpoint;
     }
-    let runtime = match runtime(false) {
+    let runtime = match runtime(1) {
         Ok(r) => r,
         Err(code) => return code,
     };
@@ -390,7 +381,7 @@ fn run(config_path: Option<&Path>, input: Option<String>) -> ExitCode {
     // Under systemd (`Type=notify`): READY=1, watchdog keep-alives, STOPPING=1, STATUS= lines.
     // Without NOTIFY_SOCKET it sends nothing.
     let notifier = std::sync::Arc::new(crate::systemd::Notifier::from_env());
-    let runtime = match daemon_runtime(&config.runtime) {
+    let runtime = match runtime(config.runtime.worker_threads) {
         Ok(r) => r,
         Err(code) => return code,
     };

@@ -167,7 +167,7 @@ pub fn main(command: DeadletterCommand) -> ExitCode {
     let mut log = config.log.clone();
     log.level = "warn".into();
     crate::telemetry::init_logging(&log);
-    let runtime = match crate::cli::runtime(false) {
+    let runtime = match crate::cli::runtime(1) {
         Ok(r) => r,
         Err(code) => return code,
     };

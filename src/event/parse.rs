@@ -141,32 +141,27 @@ struct EventBuilder {
     extensions: Vec<(Box<str>, ExtensionValue)>,
     data: Option<EventData>,
     problems: Vec<EventProblem>,
-    /// The members given so far: a bit per context attribute and `data`/`data_base64`
-    /// ([`KNOWN_MEMBERS`]), the names of the others.
+    /// The members given so far: a bit per known member ([`known_member`]), the names of the
+    /// others.
     seen_known: u16,
     seen_other: Vec<Box<str>>,
 }
 
-/// The members whose repeats are noted with a bit.
-const KNOWN_MEMBERS: [&str; 11] = [
-    "id",
-    "source",
-    "type",
-    "specversion",
-    "subject",
-    "time",
-    "datacontenttype",
-    "dataschema",
-    "traceparent",
-    "data",
-    "data_base64",
-];
+/// The bit of a member whose repeats are noted with one: the context attributes (by their
+/// place in [`Attribute::ALL`]), then `data` and `data_base64`.
+fn known_member(name: &str) -> Option<usize> {
+    match name {
+        "data" => Some(Attribute::ALL.len()),
+        "data_base64" => Some(Attribute::ALL.len() + 1),
+        _ => Attribute::ALL.iter().position(|a| a.name() == name),
+    }
+}
 
 impl EventBuilder {
     /// Records that `name` was given, reporting a repeat (a JSON object with the same member twice,
     /// or the same `ce-` header twice: which one wins would be a guess).
     fn first_time(&mut self, name: &str) -> bool {
-        let repeated = match KNOWN_MEMBERS.iter().position(|k| *k == name) {
+        let repeated = match known_member(name) {
             Some(i) => {
                 let seen = self.seen_known & 1 << i != 0;
                 self.seen_known |= 1 << i;

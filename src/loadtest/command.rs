@@ -134,7 +134,7 @@ pub fn main(args: LoadtestArgs) -> ExitCode {
         payload_bytes: args.payload_bytes,
         warmup: args.warmup,
     };
-    let runtime = match runtime(true) {
+    let runtime = match runtime(0) {
         Ok(r) => r,
         Err(code) => return code,
     };

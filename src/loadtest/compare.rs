@@ -457,11 +457,11 @@ pub(super) struct Daemon {
 }
 
 /// A directory removed when dropped.
-pub(super) struct TempDir(pub(super) PathBuf);
+struct TempDir(PathBuf);
 
 impl TempDir {
     /// A new, empty directory under the system's temporary directory.
-    pub(super) fn new() -> std::io::Result<Self> {
+    fn new() -> std::io::Result<Self> {
         let dir = std::env::temp_dir().join(format!("twinroute-loadtest-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
         Ok(TempDir(dir))
@@ -474,32 +474,34 @@ impl Drop for TempDir {
     }
 }
 
-pub(super) fn free_port() -> std::io::Result<u16> {
+fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Daemon {
     async fn start(options: &CompareOptions, amqp: &str) -> anyhow::Result<Self> {
-        let dir = TempDir::new()?;
-        let (ingest, admin) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
-        let state = (options.spool == Spool::Disk).then(|| dir.0.join("state"));
-        let text = daemon_config(&ingest, &admin, amqp, state.as_deref(), options.by_twin);
-        Daemon::launch(&options.daemon, &text, dir, &ingest, &admin).await
+        Daemon::launch(&options.daemon, options.spool, |ingest, admin, state| {
+            daemon_config(ingest, admin, amqp, state, options.by_twin)
+        })
+        .await
     }
 
-    /// Runs `binary run` with the configuration `text` (written into `dir`, which also takes
-    /// its log) and waits until its admin API at `admin` says it is ready.
+    /// Runs `binary run` in a new directory (its configuration, log and, with the disk spool,
+    /// state) with the configuration `config` makes for its ingest and admin addresses and state
+    /// directory, and waits until its admin API says it is ready.
     pub(super) async fn launch(
         binary: &std::path::Path,
-        text: &str,
-        dir: TempDir,
-        ingest: &str,
-        admin: &str,
+        spool: Spool,
+        config: impl FnOnce(&str, &str, Option<&std::path::Path>) -> String,
     ) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let (ingest, admin) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+        let state = (spool == Spool::Disk).then(|| dir.0.join("state"));
+        let text = config(&ingest, &admin, state.as_deref());
         // Checked here so a mistake in the scenario reads as one, not as a daemon that died.
-        Config::from_toml(text, "the load test's daemon configuration", Some(Default::default()))?;
+        Config::from_toml(&text, "the load test's daemon configuration", Some(Default::default()))?;
         let path = dir.0.join("twinroute.toml");
-        std::fs::write(&path, text)?;
+        std::fs::write(&path, &text)?;
         let log = std::fs::File::create(dir.0.join("twinroute.log"))?;
         let child = tokio::process::Command::new(binary)
             .arg("run")
@@ -562,7 +564,8 @@ impl Daemon {
     }
 }
 
-/// The sum of a counter's samples in Prometheus text.
+/// The sum of a metric's samples (a counter's or a gauge's series) in Prometheus text; 0 when
+/// absent.
 pub(super) fn sum_metric(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))

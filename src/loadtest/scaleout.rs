@@ -22,7 +22,7 @@
 //! more replicas cannot go faster: the rounds show the cost of coordination, not a cluster's
 //! capacity.
 
-use super::compare::{connection_string, free_port, Daemon, Spool, TempDir, NAMESPACE};
+use super::compare::{connection_string, sum_metric, Daemon, Spool, NAMESPACE};
 use super::procstat::ProcSampler;
 use crate::event::CloudEvent;
 use crate::identity::{ImdsOptions, ManagedIdentityId};
@@ -332,29 +332,21 @@ async fn rounds(
             backlog.len()
         );
         let started = Instant::now();
-        let mut replicas = Vec::new();
-        let launched = futures::future::try_join_all((0..count).map(|_| async {
-            let dir = TempDir::new()?;
-            let (ingest, admin) =
-                (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
-            let state = (options.spool == Spool::Disk).then(|| dir.0.join("state"));
-            let text = replica_config(
-                &ingest,
-                &admin,
-                state.as_deref(),
-                &imds.token_url(),
-                &amqp.addr().to_string(),
-                &hub,
-                container_url,
-                options.ca_file.as_deref(),
-            );
-            Daemon::launch(&options.daemon, &text, dir, &ingest, &admin).await
+        let replicas = futures::future::try_join_all((0..count).map(|_| {
+            Daemon::launch(&options.daemon, options.spool, |ingest, admin, state| {
+                replica_config(
+                    ingest,
+                    admin,
+                    state,
+                    &imds.token_url(),
+                    &amqp.addr().to_string(),
+                    &hub,
+                    container_url,
+                    options.ca_file.as_deref(),
+                )
+            })
         }))
-        .await;
-        match launched {
-            Ok(daemons) => replicas.extend(daemons),
-            Err(e) => return Err(e),
-        }
+        .await?;
         let mut samplers: Vec<Option<ProcSampler>> =
             replicas.iter().map(|r| ProcSampler::new(r.pid()).ok()).collect();
         let total = backlog.len() as u64;
@@ -397,7 +389,7 @@ async fn rounds(
         let mut owned_partitions = Vec::new();
         for replica in &replicas {
             let text = replica.metrics().await.unwrap_or_default();
-            owned_partitions.push(gauge(&text, "twinroute_eventhubs_owned_partitions"));
+            owned_partitions.push(sum_metric(&text, "twinroute_eventhubs_owned_partitions"));
         }
         futures::future::join_all(replicas.into_iter().map(Daemon::stop)).await;
         let (unique, duplicates, first, last) = routed.snapshot();
@@ -429,14 +421,6 @@ async fn rounds(
         });
     }
     Ok(reports)
-}
-
-/// A gauge's value summed over its series in Prometheus text (0 when absent).
-fn gauge(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 #[cfg(test)]

@@ -196,6 +196,49 @@ async fn publish(producer: &ProducerClient, range: std::ops::Range<usize>) {
     }
 }
 
+/// What the scale-out tests run on: the stand-ins (kept alive with it), a fresh checkpoint
+/// container in Azurite, `count` replicas (not started) under a directory that is kept when the
+/// test fails (the replicas' logs are in it), and a producer for the hub.
+struct Cluster {
+    standins: (ImdsStandIn, AmqpStandIn),
+    replicas: Vec<Replica>,
+    producer: ProducerClient,
+    root: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn new(prefix: &str, count: usize) -> Cluster {
+        let az = azurite();
+        let (imds, credential) = identity().await;
+        let namespace = NamespaceDef {
+            hubs: vec![HubDef { name: HUB.into(), partition_count: PARTITIONS }],
+            ..NamespaceDef::default()
+        };
+        let amqp = AmqpStandIn::start(AmqpConfig { namespaces: vec![namespace], ..Default::default() })
+            .await
+            .unwrap();
+        let container = unique("checkpoints");
+        within("creating the checkpoint container", create_container(&az, &container, credential.clone()))
+            .await;
+        let container_url = format!("{}/{container}", az.blob);
+        let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap().keep();
+        let replicas = (0..count)
+            .map(|n| Replica::new(root.as_path(), n, &imds, &amqp, &container_url, &az.ca))
+            .collect();
+        let producer = within(
+            "opening the producer",
+            ProducerClient::builder().with_custom_endpoint(amqp.endpoint()).open(
+                DEFAULT_NAMESPACE,
+                HUB,
+                credential,
+            ),
+        )
+        .await
+        .expect("the producer connects");
+        Cluster { standins: (imds, amqp), replicas, producer, root }
+    }
+}
+
 /// Polls `what` until it holds, or fails with `message` after `limit`.
 async fn until<F: AsyncFnMut() -> bool>(limit: Duration, message: &str, mut what: F) {
     let deadline = Instant::now() + limit;
@@ -217,32 +260,8 @@ async fn replicas_share_a_hub_and_take_over_a_killed_ones_partitions() {
             .with_test_writer()
             .try_init();
     }
-    let az = azurite();
-    let (imds, credential) = identity().await;
-    let namespace = NamespaceDef {
-        hubs: vec![HubDef { name: HUB.into(), partition_count: PARTITIONS }],
-        ..NamespaceDef::default()
-    };
-    let amqp =
-        AmqpStandIn::start(AmqpConfig { namespaces: vec![namespace], ..Default::default() }).await.unwrap();
-    let container = unique("checkpoints");
-    within("creating the checkpoint container", create_container(&az, &container, credential.clone())).await;
-    let container_url = format!("{}/{container}", az.blob);
-    // Kept when the test fails (the replicas' logs are in it), removed at the end when it passes.
-    let root = tempfile::Builder::new().prefix("twinroute-scaleout-").tempdir().unwrap().keep();
-    let mut replicas: Vec<Replica> = (0..REPLICAS)
-        .map(|n| Replica::new(root.as_path(), n, &imds, &amqp, &container_url, &az.ca))
-        .collect();
-    let producer = within(
-        "opening the producer",
-        ProducerClient::builder().with_custom_endpoint(amqp.endpoint()).open(
-            DEFAULT_NAMESPACE,
-            HUB,
-            credential.clone(),
-        ),
-    )
-    .await
-    .expect("the producer connects");
+    let Cluster { standins: _standins, mut replicas, producer, root } =
+        Cluster::new("twinroute-scaleout-", REPLICAS).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let where_logs = root.as_path().display().to_string();
 
@@ -385,21 +404,9 @@ impl Replica {
 /// the ownership expires (60 s here), and reads nothing twice.
 #[tokio::test]
 async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
-    let az = azurite();
-    let (imds, credential) = identity().await;
-    let namespace = NamespaceDef {
-        hubs: vec![HubDef { name: HUB.into(), partition_count: PARTITIONS }],
-        ..NamespaceDef::default()
-    };
-    let amqp =
-        AmqpStandIn::start(AmqpConfig { namespaces: vec![namespace], ..Default::default() }).await.unwrap();
-    let container = unique("checkpoints");
-    within("creating the checkpoint container", create_container(&az, &container, credential.clone())).await;
-    let container_url = format!("{}/{container}", az.blob);
-    let root = tempfile::Builder::new().prefix("twinroute-rolling-").tempdir().unwrap().keep();
+    let Cluster { standins: _standins, mut replicas, producer, root } =
+        Cluster::new("twinroute-rolling-", 2).await;
     let where_logs = root.as_path().display().to_string();
-    let mut replicas: Vec<Replica> =
-        (0..2).map(|n| Replica::new(root.as_path(), n, &imds, &amqp, &container_url, &az.ca)).collect();
     for r in &replicas {
         // Ownership that outlives the test unless it is given up; checkpoints only every
         // 1,000 events or 60 s, so only the last checkpoint at the stop covers the events.
@@ -410,16 +417,6 @@ async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
             .replace("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0");
         std::fs::write(&r.config, text).unwrap();
     }
-    let producer = within(
-        "opening the producer",
-        ProducerClient::builder().with_custom_endpoint(amqp.endpoint()).open(
-            DEFAULT_NAMESPACE,
-            HUB,
-            credential.clone(),
-        ),
-    )
-    .await
-    .expect("the producer connects");
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
 
     replicas[0].start();
