@@ -13,6 +13,8 @@
 //! covers when it has a disk spool; the replica taking over its partitions starts after the last
 //! checkpoint and reads again what came after it, so duplicates are bounded by the checkpoint
 //! interval (`checkpoint_every_events` or `checkpoint_interval_seconds`, whichever comes first).
+//! Within one process nothing is routed twice: a partition opened again here (the processor
+//! built again after a failure, a revoked renewal) skips what this process already accepted.
 //!
 //! Wire format read: ADT's own Event Hubs format (what twinroute's `EventHub` endpoints send): the
 //! body is the event's `data`, the attributes are `cloudEvents:<name>` application properties and
@@ -37,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The consumer group when none is named: the one every hub has.
 pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
@@ -232,6 +234,47 @@ struct PartitionState {
 
 type Owned = Arc<Mutex<HashMap<String, PartitionState>>>;
 
+/// Where this process's acceptance of a partition reached: its last accepted event.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    sequence_number: i64,
+    enqueued: SystemTime,
+}
+
+/// What this process accepted from each partition, kept across its readers and processors.
+///
+/// A partition opened again in the same process starts at its last checkpoint, which can be
+/// behind what an earlier reader here already read and handed to the dispatcher: when the SDK
+/// revokes a partition (a renewal that did not go through) and opens it again at its next
+/// balancing while the old reader still drains its receiver, or when the processor is built
+/// again after a failure (its readers stop without a last checkpoint). Those events are skipped
+/// instead of routed twice. Sequence numbers alone would not do: a hub deleted and created
+/// again under the same name numbers from 0 again, and its events, enqueued later than anything
+/// accepted here, must not be skipped.
+type AcceptedUpTo = Arc<Mutex<HashMap<String, Accepted>>>;
+
+impl Accepted {
+    fn of(event: &ReceivedEventData) -> Option<Accepted> {
+        Some(Accepted { sequence_number: event.sequence_number()?, enqueued: event.enqueued_time()? })
+    }
+
+    /// Whether `event` is at or before this position (so it was accepted already).
+    fn covers(&self, event: &ReceivedEventData) -> bool {
+        Accepted::of(event)
+            .is_some_and(|e| e.sequence_number <= self.sequence_number && e.enqueued <= self.enqueued)
+    }
+}
+
+/// The process-wide state of a source, kept across rebuilds of the processor.
+struct SourceState {
+    /// This process's owner id in the ownership blobs (also its connection's name), kept across
+    /// rebuilds of the processor so it renews its own ownerships instead of waiting for them to
+    /// expire. Unique per process: replicas sharing one would each believe they own everything.
+    owner_id: String,
+    owned: Owned,
+    accepted: AcceptedUpTo,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -250,15 +293,15 @@ pub async fn run(
     identity: Arc<IdentityProvider>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let owned: Owned = Default::default();
-    // This process's owner id in the ownership blobs (also its connection's name), kept across
-    // rebuilds of the processor so it renews its own ownerships instead of waiting for them to
-    // expire. Unique per process: replicas sharing one would each believe they own everything.
-    let owner_id = format!("twinroute-{}", uuid::Uuid::new_v4());
-    let metrics = tokio::spawn(measure(name.clone(), config.clone(), identity.clone(), owned.clone()));
+    let state = SourceState {
+        owner_id: format!("twinroute-{}", uuid::Uuid::new_v4()),
+        owned: Default::default(),
+        accepted: Default::default(),
+    };
+    let metrics = tokio::spawn(measure(name.clone(), config.clone(), identity.clone(), state.owned.clone()));
     let _stop_metrics = AbortOnDrop(metrics);
     loop {
-        match run_once(&name, &config, &dispatcher, &identity, &owned, &owner_id, stop.clone()).await {
+        match run_once(&name, &config, &dispatcher, &identity, &state, stop.clone()).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(source = %name, error = %e, "event hubs source failed; starting again");
@@ -354,10 +397,10 @@ async fn run_once(
     config: &EventHubsSourceConfig,
     dispatcher: &Arc<Dispatcher>,
     identity: &IdentityProvider,
-    owned: &Owned,
-    owner_id: &str,
+    state: &SourceState,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), EventHubsSourceError> {
+    let (owned, owner_id) = (&state.owned, state.owner_id.as_str());
     if *stopping.borrow() {
         return Ok(());
     }
@@ -414,15 +457,20 @@ async fn run_once(
                         // The SDK's event stream is not `Send`: each partition is read on a
                         // blocking-pool thread driving its future on this runtime, and stops
                         // when `stop` is dropped (this function returns or is aborted).
-                        let (name, dispatcher, config, owned) =
-                            (name.to_owned(), dispatcher.clone(), config.clone(), owned.clone());
+                        let (name, dispatcher, config, owned, accepted) = (
+                            name.to_owned(),
+                            dispatcher.clone(),
+                            config.clone(),
+                            owned.clone(),
+                            state.accepted.clone(),
+                        );
                         let mut stopped = stop.subscribe();
                         let finishing = finishing.clone();
                         let handle = tokio::runtime::Handle::current();
                         partitions.spawn_blocking(move || {
                             handle.block_on(async move {
                                 tokio::select! {
-                                    broken = read_partition(name, client, dispatcher, config, owned, finishing) => broken,
+                                    broken = read_partition(name, client, dispatcher, config, owned, accepted, finishing) => broken,
                                     _ = stopped.changed() => None,
                                 }
                             })
@@ -566,6 +614,7 @@ async fn read_partition(
     dispatcher: Arc<Dispatcher>,
     config: EventHubsSourceConfig,
     owned: Owned,
+    accepted: AcceptedUpTo,
     mut finishing: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
     let partition = client.get_partition_id().to_owned();
@@ -584,6 +633,10 @@ async fn read_partition(
     tracing::info!(source = %name, partition = %partition, "partition owned: reading");
     let received = metrics::counter!("twinroute_eventhubs_events_received_total", "source" => name.clone());
     let invalid = metrics::counter!("twinroute_eventhubs_events_invalid_total", "source" => name.clone());
+    let reread = metrics::counter!("twinroute_eventhubs_events_reread_total", "source" => name.clone());
+    // What an earlier reader of this partition in this process accepted (see `AcceptedUpTo`).
+    let accepted_before = lock(&accepted).get(&partition).copied();
+    let mut skipping = false;
     let checkpoints = metrics::counter!("twinroute_eventhubs_checkpoints_total", "source" => name.clone(), "result" => "ok");
     let checkpoint_failures = metrics::counter!("twinroute_eventhubs_checkpoints_total", "source" => name.clone(), "result" => "error");
     let interval = seconds(config.checkpoint_interval_seconds);
@@ -622,6 +675,14 @@ async fn read_partition(
             match next {
                 Ok(Some(Ok(event))) => {
                     received.increment(1);
+                    if let Some(before) = accepted_before.filter(|a| a.covers(&event)) {
+                        if !skipping {
+                            tracing::info!(source = %name, partition = %partition, from = ?event.sequence_number(), to = before.sequence_number, "reading again what an earlier reader here accepted: skipped, not routed twice");
+                            skipping = true;
+                        }
+                        reread.increment(1);
+                        continue;
+                    }
                     pending += 1;
                     match to_cloud_event(&event) {
                         Ok(e) => batch.push(e),
@@ -658,6 +719,9 @@ async fn read_partition(
                     state.last_received = Some(seq);
                 }
                 if submit(&dispatcher, &mut batch).await {
+                    if let Some(position) = Accepted::of(&last) {
+                        lock(&accepted).insert(partition.clone(), position);
+                    }
                     since_checkpoint += std::mem::take(&mut pending);
                     uncheckpointed = Some(last);
                 } else {

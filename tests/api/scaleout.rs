@@ -128,6 +128,16 @@ metrics_interval_seconds = 0.5
             .sum()
     }
 
+    /// The log lines of this replica's last start that tell how its partitions were opened,
+    /// revoked, released or read again (for a failing test's message).
+    fn partition_story(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.join(format!("daemon-{}.log", self.starts))).unwrap_or_default();
+        let told =
+            ["partition owned", "released", "revoking", "reading again", "source failed", "checkpoint not"];
+        log.lines().filter(|l| told.iter().any(|t| l.contains(t))).collect::<Vec<_>>().join("\n")
+    }
+
     /// The sum of a gauge over its series (`None` while it does not answer or has none).
     async fn gauge_sum(&self, client: &reqwest::Client, name: &str) -> Option<f64> {
         let text = client.get(format!("{}/metrics", self.admin)).send().await.ok()?.text().await.ok()?;
@@ -468,8 +478,127 @@ async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
     assert_eq!(first.iter().cloned().collect::<HashSet<_>>(), expected_first);
     let mut second_sorted = second.clone();
     second_sorted.sort_by_key(|id| id[4..].parse::<usize>().unwrap());
-    assert_eq!(second_sorted, expected_second, "the follower read only what came after the last checkpoints");
+    assert_eq!(
+        second_sorted,
+        expected_second,
+        "the follower read only what came after the last checkpoints; its partitions' story:\n{}",
+        replicas[1].partition_story()
+    );
     println!("handed over in {took:?}; routed {} + {}", first.len(), second.len());
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A TCP relay in front of Azurite that can be cut: while cut it closes its connections and
+/// refuses new ones at once (a checkpoint store that went away), so a replica's load balancing
+/// fails. TLS passes through untouched (the host stays 127.0.0.1).
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *cut_rx.borrow() {
+                    continue;
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, cut, _task: task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// A checkpoint store outage fails the replica's load balancing, and the replica builds its
+/// processor again: the new readers start at the last checkpoints, behind what the old ones had
+/// read and routed (checkpoints are rare here). What this process accepted already is skipped,
+/// not routed twice, and everything published later is routed once.
+#[tokio::test]
+async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
+    let Cluster { standins: _standins, mut replicas, producer, root } =
+        Cluster::new("twinroute-outage-", 1).await;
+    let where_logs = root.as_path().display().to_string();
+    let az = azurite();
+    let upstream = url::Url::parse(&az.blob).unwrap();
+    let upstream_port = upstream.port().expect("Azurite's URL names its port");
+    let relay = Relay::start(([127, 0, 0, 1], upstream_port).into()).await;
+    let replica = &mut replicas[0];
+    let text = std::fs::read_to_string(&replica.config).unwrap();
+    let text = text
+        .replace(&format!("127.0.0.1:{upstream_port}/"), &format!("127.0.0.1:{}/", relay.port))
+        .replace("checkpoint_every_events = 20", "checkpoint_every_events = 1000")
+        .replace("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0");
+    assert!(text.contains(&format!("127.0.0.1:{}/", relay.port)), "{text}");
+    std::fs::write(&replica.config, text).unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+
+    replica.start();
+    until(
+        Duration::from_secs(30),
+        &format!("the replica did not own the hub: see {where_logs}"),
+        async || replica.owned(&client).await == Some(PARTITIONS as u64),
+    )
+    .await;
+    publish(&producer, 0..100).await;
+    until(
+        Duration::from_secs(60),
+        &format!("the replica did not route 100 events: see {where_logs}"),
+        async || replica.routed().len() >= 100,
+    )
+    .await;
+
+    relay.set_cut(true);
+    let log = replica.dir.join("daemon-1.log");
+    until(
+        Duration::from_secs(60),
+        &format!("the outage did not stop the processor: see {where_logs}"),
+        async || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("event hubs source failed; starting again")
+        },
+    )
+    .await;
+    relay.set_cut(false);
+    until(
+        Duration::from_secs(60),
+        &format!("the replica did not read the hub again after the outage: see {where_logs}"),
+        async || replica.owned(&client).await == Some(PARTITIONS as u64),
+    )
+    .await;
+    publish(&producer, 100..200).await;
+    until(
+        Duration::from_secs(60),
+        &format!("the replica did not route the new events: see {where_logs}"),
+        async || replica.routed().len() >= 200,
+    )
+    .await;
+    // A moment for anything routed twice to show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut routed = replica.routed();
+    routed.sort_by_key(|id| id[4..].parse::<usize>().unwrap());
+    let expected: Vec<String> = (0..200).map(|i| format!("evt-{i}")).collect();
+    assert_eq!(routed, expected, "every event routed once: see {where_logs}");
+    let reread = replica.gauge_sum(&client, "twinroute_eventhubs_events_reread_total").await;
+    // Partitions are read in order: the new readers passed the first 100 before the rest.
+    assert_eq!(reread, Some(100.0), "the first 100 were read again, and skipped");
     drop(replicas);
     let _ = std::fs::remove_dir_all(&root);
 }
