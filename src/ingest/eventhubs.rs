@@ -260,8 +260,11 @@ impl Accepted {
 
     /// Whether `event` is at or before this position (so it was accepted already).
     fn covers(&self, event: &ReceivedEventData) -> bool {
-        Accepted::of(event)
-            .is_some_and(|e| e.sequence_number <= self.sequence_number && e.enqueued <= self.enqueued)
+        Accepted::of(event).is_some_and(|e| self.covers_position(&e))
+    }
+
+    fn covers_position(&self, other: &Accepted) -> bool {
+        other.sequence_number <= self.sequence_number && other.enqueued <= self.enqueued
     }
 }
 
@@ -634,8 +637,7 @@ async fn read_partition(
     let received = metrics::counter!("twinroute_eventhubs_events_received_total", "source" => name.clone());
     let invalid = metrics::counter!("twinroute_eventhubs_events_invalid_total", "source" => name.clone());
     let reread = metrics::counter!("twinroute_eventhubs_events_reread_total", "source" => name.clone());
-    // What an earlier reader of this partition in this process accepted (see `AcceptedUpTo`).
-    let accepted_before = lock(&accepted).get(&partition).copied();
+    // Told once per reader when it reads again what this process accepted (see `AcceptedUpTo`).
     let mut skipping = false;
     let checkpoints = metrics::counter!("twinroute_eventhubs_checkpoints_total", "source" => name.clone(), "result" => "ok");
     let checkpoint_failures = metrics::counter!("twinroute_eventhubs_checkpoints_total", "source" => name.clone(), "result" => "error");
@@ -675,7 +677,10 @@ async fn read_partition(
             match next {
                 Ok(Some(Ok(event))) => {
                     received.increment(1);
-                    if let Some(before) = accepted_before.filter(|a| a.covers(&event)) {
+                    // Looked up for each event: an old reader of this partition may still be
+                    // draining its receiver while this one starts.
+                    let before = lock(&accepted).get(&partition).copied();
+                    if let Some(before) = before.filter(|a| a.covers(&event)) {
                         if !skipping {
                             tracing::info!(source = %name, partition = %partition, from = ?event.sequence_number(), to = before.sequence_number, "reading again what an earlier reader here accepted: skipped, not routed twice");
                             skipping = true;
@@ -720,7 +725,12 @@ async fn read_partition(
                 }
                 if submit(&dispatcher, &mut batch).await {
                     if let Some(position) = Accepted::of(&last) {
-                        lock(&accepted).insert(partition.clone(), position);
+                        // Only forward: an old reader finishing its last batch must not move
+                        // the position back behind what a newer one accepted.
+                        let mut accepted = lock(&accepted);
+                        if !accepted.get(&partition).is_some_and(|a| a.covers_position(&position)) {
+                            accepted.insert(partition.clone(), position);
+                        }
                     }
                     since_checkpoint += std::mem::take(&mut pending);
                     uncheckpointed = Some(last);
@@ -936,6 +946,20 @@ mod tests {
             "namespace = 'contoso.servicebus.windows.net'\nhub = 'twins'\nblob_container_url = 'https://acct.blob.core.windows.net/checkpoints'\n{extra}"
         );
         toml::from_str(&text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn an_accepted_position_covers_what_was_read_before_it_and_not_a_recreated_hubs_events() {
+        let at = |sequence_number, secs| Accepted {
+            sequence_number,
+            enqueued: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        };
+        let accepted = at(209, 1_000);
+        assert!(accepted.covers_position(&at(209, 1_000)), "the last accepted event itself");
+        assert!(accepted.covers_position(&at(201, 999)), "an earlier one, read again");
+        assert!(!accepted.covers_position(&at(217, 1_001)), "a later one");
+        // A hub deleted and created again numbers from 0, with events enqueued later.
+        assert!(!accepted.covers_position(&at(3, 2_000)), "a recreated hub's event");
     }
 
     #[test]
