@@ -74,6 +74,10 @@ struct Worker {
     blocked_until: Option<Instant>,
     /// Whether credentials were refreshed since the last success (once per failure streak).
     refreshed: bool,
+    /// `twinroute_events_delivered_total` and `twinroute_delivery_duration_seconds` of this
+    /// endpoint, looked up once (a lookup per batch hashed the labels and cloned the name).
+    delivered: metrics::Counter,
+    latency: metrics::Histogram,
 }
 
 pub(super) async fn run(ctx: WorkerContext, queue: Box<dyn QueueReader>) {
@@ -88,6 +92,8 @@ pub(super) async fn run(ctx: WorkerContext, queue: Box<dyn QueueReader>) {
         inbox: VecDeque::new(),
         blocked_until: None,
         refreshed: false,
+        delivered: metrics::counter!("twinroute_events_delivered_total", "endpoint" => name.clone()),
+        latency: metrics::histogram!("twinroute_delivery_duration_seconds", "endpoint" => name.clone()),
     };
     let depth = metrics::gauge!("twinroute_endpoint_queue_depth", "endpoint" => name.clone());
     let retrying = metrics::gauge!("twinroute_endpoint_retrying", "endpoint" => name.clone());
@@ -273,12 +279,9 @@ impl Worker {
             DeliveryOutcome::Delivered => {
                 let n = batch.len() as u64;
                 stats.delivered.fetch_add(n, Ordering::Relaxed);
-                metrics::counter!("twinroute_events_delivered_total", "endpoint" => name.clone())
-                    .increment(n);
-                let latency =
-                    metrics::histogram!("twinroute_delivery_duration_seconds", "endpoint" => name.clone());
+                self.delivered.increment(n);
                 for p in &batch {
-                    latency.record(p.envelope.received_at.elapsed().as_secs_f64());
+                    self.latency.record(p.envelope.received_at.elapsed().as_secs_f64());
                     self.queue.done(&p.envelope);
                 }
                 if stats.health().0 != Health::Healthy {

@@ -35,11 +35,47 @@ impl<'de> serde::Deserialize<'de> for RawObject<'de> {
 
 fn object_members<'de, A: MapAccess<'de>>(mut map: A) -> Result<RawObject<'de>, A::Error> {
     let mut members = Vec::with_capacity(10);
-    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+    while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
         let value: &'de RawValue = map.next_value()?;
         members.push((key, value));
     }
     Ok(RawObject(members))
+}
+
+/// A member name, borrowed from the input unless it has escapes. (`Cow<str>`'s own
+/// `Deserialize` always allocates.)
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON string's value: the text between the quotes when it has no escapes (the input was
+/// already checked as JSON, which has no raw control characters in strings), else unescaped.
+fn json_string(raw: &RawValue) -> Result<Cow<'_, str>, serde_json::Error> {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Ok(Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(text).map(Cow::Owned),
+    }
 }
 
 /// One element of a batch: an object's members (values left unparsed), or what else it is.
@@ -236,7 +272,7 @@ impl EventBuilder {
                 if !self.first_time(name) || is_null(raw) {
                     return;
                 }
-                match serde_json::from_str::<Cow<str>>(raw.get()) {
+                match json_string(raw) {
                     Ok(text) => match base64::engine::general_purpose::STANDARD.decode(text.as_bytes()) {
                         Ok(bytes) => {
                             if self.data.is_some() {
@@ -266,8 +302,8 @@ impl EventBuilder {
                 }
                 let is_context = self.slot(name).is_some();
                 match raw.get().as_bytes().first() {
-                    Some(b'"') => match serde_json::from_str::<String>(raw.get()) {
-                        Ok(s) => self.set_string(name, s),
+                    Some(b'"') => match json_string(raw) {
+                        Ok(s) => self.set_string(name, s.into_owned()),
                         Err(e) => self.problems.push(EventProblem::attr(name, format!("unreadable string: {e}"))),
                     },
                     _ if is_context => self.not_a_string(name, raw),

@@ -370,6 +370,14 @@ impl StoredMessage {
         self.message.application_properties.as_ref()?.0.get(name)
     }
 
+    /// An application property that is a string.
+    pub fn application_property_str(&self, name: &str) -> Option<&str> {
+        match self.application_property(name)? {
+            SimpleValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// A message annotation by symbol name.
     pub fn annotation(&self, name: &str) -> Option<&Value> {
         self.message.message_annotations.as_ref()?.0.get(&OwnedKey::Symbol(Symbol::from(name)))

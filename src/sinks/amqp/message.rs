@@ -67,58 +67,70 @@ pub fn event_message(event: &CloudEvent, options: &MessageOptions) -> AmqpMessag
 /// per twin per batch). Sections: message annotations (the partition key), properties
 /// (message id, content type, group id), application properties, one data section.
 pub fn encode_event(event: &CloudEvent, options: &MessageOptions) -> Vec<u8> {
+    thread_local! {
+        // The sections' contents before their headers (whose form depends on their size):
+        // kept per thread, so encoding allocates only the message itself.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => encode_event_with(event, options, &mut scratch),
+        Err(_) => encode_event_with(event, options, &mut Vec::new()),
+    })
+}
+
+fn encode_event_with(event: &CloudEvent, options: &MessageOptions, scratch: &mut Vec<u8>) -> Vec<u8> {
     let data = event.data().map(|d| &d.bytes[..]).unwrap_or_default();
     let mut out = Vec::with_capacity(data.len() + 512);
     if let Some(key) = &options.partition_key {
-        let mut map = Vec::with_capacity(key.len() + 32);
-        put_text(&mut map, SYM8, SYM32, PARTITION_KEY_ANNOTATION);
-        put_text(&mut map, STR8, STR32, key);
+        scratch.clear();
+        put_text(scratch, SYM8, SYM32, PARTITION_KEY_ANNOTATION);
+        put_text(scratch, STR8, STR32, key);
         put_section(&mut out, 0x72);
-        put_compound(&mut out, MAP8, MAP32, &map, 2);
+        put_compound(&mut out, MAP8, MAP32, scratch, 2);
     }
     // Properties: message-id, user-id, to, subject, reply-to, correlation-id, content-type,
     // content-encoding, absolute-expiry-time, creation-time, group-id; trailing nulls left out.
-    let mut list = Vec::with_capacity(96);
-    put_text(&mut list, STR8, STR32, event.id());
+    scratch.clear();
+    put_text(scratch, STR8, STR32, event.id());
     let mut count = 1;
     if event.datacontenttype().is_some() || options.session_id.is_some() {
-        list.extend_from_slice(&[NULL; 5]);
+        scratch.extend_from_slice(&[NULL; 5]);
         match event.datacontenttype() {
-            Some(ct) => put_text(&mut list, SYM8, SYM32, ct),
-            None => list.push(NULL),
+            Some(ct) => put_text(scratch, SYM8, SYM32, ct),
+            None => scratch.push(NULL),
         }
         count = 7;
         if let Some(group) = &options.session_id {
-            list.extend_from_slice(&[NULL; 3]);
-            put_text(&mut list, STR8, STR32, group);
+            scratch.extend_from_slice(&[NULL; 3]);
+            put_text(scratch, STR8, STR32, group);
             count = 11;
         }
     }
     put_section(&mut out, 0x73);
-    put_compound(&mut out, LIST8, LIST32, &list, count);
-    let mut map = Vec::with_capacity(512);
+    put_compound(&mut out, LIST8, LIST32, scratch, count);
+    scratch.clear();
     let mut entries = 0u32;
     for attribute in Attribute::ALL {
         if attribute == Attribute::DataContentType {
             continue;
         }
         if let Some(value) = event.attribute(attribute) {
-            put_property_name(&mut map, attribute.name());
-            put_text(&mut map, STR8, STR32, value);
+            put_property_name(scratch, attribute.name());
+            put_text(scratch, STR8, STR32, value);
             entries += 1;
         }
     }
     for (name, value) in event.extensions() {
-        put_property_name(&mut map, name);
+        put_property_name(scratch, name);
         match value {
-            ExtensionValue::String(s) => put_text(&mut map, STR8, STR32, s),
-            ExtensionValue::Integer(i) => put_long(&mut map, *i),
-            ExtensionValue::Boolean(b) => map.push(if *b { 0x41 } else { 0x42 }),
+            ExtensionValue::String(s) => put_text(scratch, STR8, STR32, s),
+            ExtensionValue::Integer(i) => put_long(scratch, *i),
+            ExtensionValue::Boolean(b) => scratch.push(if *b { 0x41 } else { 0x42 }),
         }
         entries += 1;
     }
     put_section(&mut out, 0x74);
-    put_compound(&mut out, MAP8, MAP32, &map, entries * 2);
+    put_compound(&mut out, MAP8, MAP32, scratch, entries * 2);
     put_section(&mut out, 0x75);
     put_text_bytes(&mut out, VBIN8, VBIN32, data);
     out
