@@ -206,10 +206,11 @@ pub enum SpoolMode {
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Under load, how long the spool's writer gathers requests into one write and sync.
 pub const DEFAULT_SPOOL_COMMIT_INTERVAL_MS: u64 = 3;
-/// Memory the disk spool's storage engine may hold for recent events (its memtable): 3 MiB.
-/// Smaller flushes more often, and at 2 MiB the flushes stall synced writes (p99.9 15-31 ms at
-/// 1,000 events/s against 9-12 ms); 4 MiB took the resident set over 30 MB (benches/RESULTS.md).
-pub const DEFAULT_SPOOL_MEMORY_BYTES: u64 = 3 * 1024 * 1024;
+/// Memory the disk spool's storage engine may hold for recent events (its memtable): 4 MiB.
+/// Smaller saves memory but flushes more often, and the flushes delay synced writes: at 1,000
+/// events/s 3 MiB saved ~3 MB of resident memory for +2.5 to +5 ms of end-to-end p99 and ~10 %
+/// more CPU, and 15 % less throughput at full speed (benches/RESULTS.md).
+pub const DEFAULT_SPOOL_MEMORY_BYTES: u64 = 4 * 1024 * 1024;
 
 /// `[spool]` (or `spool = "memory" | "disk"`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
