@@ -603,16 +603,21 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
     )
     .await;
 
-    relay.set_cut(true);
+    // On a loaded machine the processor may also have been built again before (a dropped AMQP
+    // connection): the outage must cause a failure of its own.
     let log = replica.dir.join("daemon-1.log");
+    let failures = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("event hubs source failed; starting again")
+            .count()
+    };
+    let failed_before = failures();
+    relay.set_cut(true);
     until(
         Duration::from_secs(60),
         &format!("the outage did not stop the processor: see {where_logs}"),
-        async || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("event hubs source failed; starting again")
-        },
+        async || failures() > failed_before,
     )
     .await;
     relay.set_cut(false);
@@ -637,9 +642,19 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
     routed.sort_by_key(|id| id[4..].parse::<usize>().unwrap());
     assert_eq!(routed, expected, "every stored event routed once: see {where_logs}");
     let reread = replica.gauge_sum(&client, "twinroute_eventhubs_events_reread_total").await;
-    // Partitions are read in order: the new readers passed the first 100 before the rest.
+    // Partitions are read in order: the new readers passed the first 100 before the rest. Unless
+    // a reader wrote a checkpoint on its way out (its connection dropped before the outage, on a
+    // loaded machine), none covers them, and all were read again and skipped.
     let first_hundred = each_stored_copy(&copies, 0..100).len() as f64;
-    assert_eq!(reread, Some(first_hundred), "the first 100 were read again, and skipped");
+    let checkpointed = std::fs::read_to_string(&log).unwrap_or_default().contains("checkpoint written");
+    if checkpointed {
+        assert!(reread.is_some_and(|n| n <= first_hundred), "{reread:?} read again, of {first_hundred}");
+    } else {
+        assert_eq!(reread, Some(first_hundred), "the first 100 were read again, and skipped");
+    }
+    println!(
+        "read again and skipped: {reread:?} (a checkpoint was written before the outage: {checkpointed})"
+    );
     drop(replicas);
     let _ = std::fs::remove_dir_all(&root);
 }
