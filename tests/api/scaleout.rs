@@ -644,13 +644,17 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
     let reread = replica.gauge_sum(&client, "twinroute_eventhubs_events_reread_total").await;
     // Partitions are read in order: the new readers passed the first 100 before the rest. Unless
     // a reader wrote a checkpoint on its way out (its connection dropped before the outage, on a
-    // loaded machine), none covers them, and all were read again and skipped.
+    // loaded machine), none covers them, and all were read again and skipped (some more than
+    // once when a partition is re-opened again, e.g. a renewal missed during the outage).
     let first_hundred = each_stored_copy(&copies, 0..100).len() as f64;
     let checkpointed = std::fs::read_to_string(&log).unwrap_or_default().contains("checkpoint written");
     if checkpointed {
         assert!(reread.is_some_and(|n| n <= first_hundred), "{reread:?} read again, of {first_hundred}");
     } else {
-        assert_eq!(reread, Some(first_hundred), "the first 100 were read again, and skipped");
+        assert!(
+            reread.is_some_and(|n| n >= first_hundred),
+            "the first 100 were read again, and skipped: {reread:?}"
+        );
     }
     println!(
         "read again and skipped: {reread:?} (a checkpoint was written before the outage: {checkpointed})"
