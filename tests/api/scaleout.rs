@@ -22,6 +22,11 @@ const REPLICAS: usize = 3;
 /// Events published before the kill, and after it.
 const BEFORE: usize = 400;
 const AFTER: usize = 400;
+/// Configuration edits for checkpoints only every 1,000 events or 60 s (none within a test).
+const RARE_CHECKPOINTS: [(&str, &str); 2] = [
+    ("checkpoint_every_events = 20", "checkpoint_every_events = 1000"),
+    ("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0"),
+];
 
 struct Replica {
     dir: std::path::PathBuf,
@@ -117,22 +122,30 @@ metrics_interval_seconds = 0.5
         self.gauge_sum(client, "twinroute_eventhubs_owned_partitions").await.map(|v| v as u64)
     }
 
+    /// The log of this replica's start `n` (1 is the first; empty while there is none).
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("daemon-{n}.log"))).unwrap_or_default()
+    }
+
+    /// Rewrites this replica's configuration (before it starts), each `(from, to)` in turn.
+    fn edit_config(&self, edits: &[(&str, &str)]) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        for (from, to) in edits {
+            assert!(text.contains(from), "{from:?} is not in {text}");
+            text = text.replace(from, to);
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// How many times this replica started reading a partition (all its starts).
     fn partitions_opened(&self) -> usize {
-        (1..=self.starts)
-            .map(|n| {
-                let log =
-                    std::fs::read_to_string(self.dir.join(format!("daemon-{n}.log"))).unwrap_or_default();
-                log.matches("partition owned: reading").count()
-            })
-            .sum()
+        (1..=self.starts).map(|n| self.log(n).matches("partition owned: reading").count()).sum()
     }
 
     /// The log lines of this replica's last start that tell how its partitions were opened,
     /// revoked, released or read again (for a failing test's message).
     fn partition_story(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.join(format!("daemon-{}.log", self.starts))).unwrap_or_default();
+        let log = self.log(self.starts);
         let told =
             ["partition owned", "released", "revoking", "reading again", "source failed", "checkpoint not"];
         log.lines().filter(|l| told.iter().any(|t| l.contains(t))).collect::<Vec<_>>().join("\n")
@@ -454,12 +467,11 @@ async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
     for r in &replicas {
         // Ownership that outlives the test unless it is given up; checkpoints only every
         // 1,000 events or 60 s, so only the last checkpoint at the stop covers the events.
-        let text = std::fs::read_to_string(&r.config).unwrap();
-        let text = text
-            .replace("ownership_expiration_seconds = 5.0", "ownership_expiration_seconds = 60.0")
-            .replace("checkpoint_every_events = 20", "checkpoint_every_events = 1000")
-            .replace("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0");
-        std::fs::write(&r.config, text).unwrap();
+        r.edit_config(&[
+            ("ownership_expiration_seconds = 5.0", "ownership_expiration_seconds = 60.0"),
+            RARE_CHECKPOINTS[0],
+            RARE_CHECKPOINTS[1],
+        ]);
     }
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
 
@@ -475,7 +487,7 @@ async fn a_stopped_replica_checkpoints_and_hands_its_partitions_over_at_once() {
     let status = replicas[0].terminate().await;
     let stop_took = stopping.elapsed();
     assert!(status.success(), "SIGTERM ends the replica cleanly: {status:?}");
-    let log = std::fs::read_to_string(replicas[0].dir.join("daemon-1.log")).unwrap();
+    let log = replicas[0].log(1);
     assert!(log.contains("partition ownerships given up"), "{log}");
     assert!(!log.contains("did not finish"), "the readers finish at once: {log}");
     println!("the first replica stopped in {stop_took:?}");
@@ -579,13 +591,9 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
     let upstream_port = upstream.port().expect("Azurite's URL names its port");
     let relay = Relay::start(([127, 0, 0, 1], upstream_port).into()).await;
     let replica = &mut replicas[0];
-    let text = std::fs::read_to_string(&replica.config).unwrap();
-    let text = text
-        .replace(&format!("127.0.0.1:{upstream_port}/"), &format!("127.0.0.1:{}/", relay.port))
-        .replace("checkpoint_every_events = 20", "checkpoint_every_events = 1000")
-        .replace("checkpoint_interval_seconds = 0.5", "checkpoint_interval_seconds = 60.0");
-    assert!(text.contains(&format!("127.0.0.1:{}/", relay.port)), "{text}");
-    std::fs::write(&replica.config, text).unwrap();
+    let (azurite_at, relay_at) =
+        (format!("127.0.0.1:{upstream_port}/"), format!("127.0.0.1:{}/", relay.port));
+    replica.edit_config(&[(&azurite_at, &relay_at), RARE_CHECKPOINTS[0], RARE_CHECKPOINTS[1]]);
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
 
     replica.start();
@@ -605,13 +613,7 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
 
     // On a loaded machine the processor may also have been built again before (a dropped AMQP
     // connection): the outage must cause a failure of its own.
-    let log = replica.dir.join("daemon-1.log");
-    let failures = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("event hubs source failed; starting again")
-            .count()
-    };
+    let failures = || replica.log(1).matches("event hubs source failed; starting again").count();
     let failed_before = failures();
     relay.set_cut(true);
     until(
@@ -647,7 +649,7 @@ async fn a_processor_built_again_after_a_store_outage_routes_nothing_twice() {
     // loaded machine), none covers them, and all were read again and skipped (some more than
     // once when a partition is re-opened again, e.g. a renewal missed during the outage).
     let first_hundred = each_stored_copy(&copies, 0..100).len() as f64;
-    let checkpointed = std::fs::read_to_string(&log).unwrap_or_default().contains("checkpoint written");
+    let checkpointed = replica.log(1).contains("checkpoint written");
     if checkpointed {
         assert!(reread.is_some_and(|n| n <= first_hundred), "{reread:?} read again, of {first_hundred}");
     } else {
