@@ -79,35 +79,21 @@ pub fn encode_event(event: &CloudEvent, options: &MessageOptions) -> Vec<u8> {
 }
 
 fn encode_event_with(event: &CloudEvent, options: &MessageOptions, scratch: &mut Vec<u8>) -> Vec<u8> {
+    let data = event.data().map(|d| d.bytes.len()).unwrap_or_default();
+    let mut out = Vec::with_capacity(data + 512);
+    encode_event_into(event, options, &mut out, scratch);
+    out
+}
+
+/// [`encode_event`] appended to `out`, with `scratch` for the sections' contents.
+pub fn encode_event_into(
+    event: &CloudEvent,
+    options: &MessageOptions,
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) {
     let data = event.data().map(|d| &d.bytes[..]).unwrap_or_default();
-    let mut out = Vec::with_capacity(data.len() + 512);
-    if let Some(key) = &options.partition_key {
-        scratch.clear();
-        put_text(scratch, SYM8, SYM32, PARTITION_KEY_ANNOTATION);
-        put_text(scratch, STR8, STR32, key);
-        put_section(&mut out, 0x72);
-        put_compound(&mut out, MAP8, MAP32, scratch, 2);
-    }
-    // Properties: message-id, user-id, to, subject, reply-to, correlation-id, content-type,
-    // content-encoding, absolute-expiry-time, creation-time, group-id; trailing nulls left out.
-    scratch.clear();
-    put_text(scratch, STR8, STR32, event.id());
-    let mut count = 1;
-    if event.datacontenttype().is_some() || options.session_id.is_some() {
-        scratch.extend_from_slice(&[NULL; 5]);
-        match event.datacontenttype() {
-            Some(ct) => put_text(scratch, SYM8, SYM32, ct),
-            None => scratch.push(NULL),
-        }
-        count = 7;
-        if let Some(group) = &options.session_id {
-            scratch.extend_from_slice(&[NULL; 3]);
-            put_text(scratch, STR8, STR32, group);
-            count = 11;
-        }
-    }
-    put_section(&mut out, 0x73);
-    put_compound(&mut out, LIST8, LIST32, scratch, count);
+    put_head(out, scratch, event, options);
     scratch.clear();
     let mut entries = 0u32;
     for attribute in Attribute::ALL {
@@ -129,11 +115,78 @@ fn encode_event_with(event: &CloudEvent, options: &MessageOptions, scratch: &mut
         }
         entries += 1;
     }
-    put_section(&mut out, 0x74);
-    put_compound(&mut out, MAP8, MAP32, scratch, entries * 2);
-    put_section(&mut out, 0x75);
-    put_text_bytes(&mut out, VBIN8, VBIN32, data);
-    out
+    put_section(out, 0x74);
+    put_compound(out, MAP8, MAP32, scratch, entries * 2);
+    put_section(out, 0x75);
+    put_text_bytes(out, VBIN8, VBIN32, data);
+}
+
+/// The sections an event's message and a batch envelope share: message annotations (the
+/// partition key) and properties (message id, content type, group id).
+fn put_head(out: &mut Vec<u8>, scratch: &mut Vec<u8>, event: &CloudEvent, options: &MessageOptions) {
+    if let Some(key) = &options.partition_key {
+        scratch.clear();
+        put_text(scratch, SYM8, SYM32, PARTITION_KEY_ANNOTATION);
+        put_text(scratch, STR8, STR32, key);
+        put_section(out, 0x72);
+        put_compound(out, MAP8, MAP32, scratch, 2);
+    }
+    // Properties: message-id, user-id, to, subject, reply-to, correlation-id, content-type,
+    // content-encoding, absolute-expiry-time, creation-time, group-id; trailing nulls left out.
+    scratch.clear();
+    put_text(scratch, STR8, STR32, event.id());
+    let mut count = 1;
+    if event.datacontenttype().is_some() || options.session_id.is_some() {
+        scratch.extend_from_slice(&[NULL; 5]);
+        match event.datacontenttype() {
+            Some(ct) => put_text(scratch, SYM8, SYM32, ct),
+            None => scratch.push(NULL),
+        }
+        count = 7;
+        if let Some(group) = &options.session_id {
+            scratch.extend_from_slice(&[NULL; 3]);
+            put_text(scratch, STR8, STR32, group);
+            count = 11;
+        }
+    }
+    put_section(out, 0x73);
+    put_compound(out, LIST8, LIST32, scratch, count);
+}
+
+/// A batch being encoded: the envelope of its first event, then one Data section per
+/// message. The bytes of `encode(&envelope_for(first, options, messages))`, written directly.
+pub struct EnvelopeWriter {
+    bytes: Vec<u8>,
+    messages: usize,
+}
+
+impl EnvelopeWriter {
+    /// Starts the envelope of a batch whose first event is `first`.
+    pub fn start(
+        first: &CloudEvent,
+        options: &MessageOptions,
+        capacity: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Self {
+        let mut bytes = Vec::with_capacity(capacity + 256);
+        put_head(&mut bytes, scratch, first, options);
+        Self { bytes, messages: 0 }
+    }
+
+    /// Adds one encoded message as a Data section.
+    pub fn push(&mut self, encoded: &[u8]) {
+        put_section(&mut self.bytes, 0x75);
+        put_text_bytes(&mut self.bytes, VBIN8, VBIN32, encoded);
+        self.messages += 1;
+    }
+
+    pub fn messages(&self) -> usize {
+        self.messages
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.bytes
+    }
 }
 
 // AMQP 1.0 encodings (part 1 of the specification), with the size rules of serde_amqp 0.14 (the
@@ -343,11 +396,23 @@ mod direct_encoding {
                 "{} with {o:?}",
                 String::from_utf8_lossy(&event.to_structured_json())
             );
-            let envelope = envelope_for(event, &o, vec![expected.clone()]);
+            let envelope = envelope_for(event, &o, vec![expected.clone(), expected.clone()]);
+            let sdk_envelope = encode(&envelope).unwrap();
             assert_eq!(
-                encode(&envelope).unwrap(),
-                encode(&batch_envelope(&event_message(event, &o), vec![expected])).unwrap()
+                sdk_envelope,
+                encode(&batch_envelope(&event_message(event, &o), vec![expected.clone(), expected.clone()]))
+                    .unwrap()
             );
+            // What the sinks send: the envelope written directly, byte for byte the SDK's.
+            let mut scratch = Vec::new();
+            let mut direct = EnvelopeWriter::start(event, &o, 0, &mut scratch);
+            let mut in_place = Vec::new();
+            encode_event_into(event, &o, &mut in_place, &mut scratch);
+            assert_eq!(in_place, expected);
+            direct.push(&expected);
+            direct.push(&in_place);
+            assert_eq!(direct.messages(), 2);
+            assert_eq!(direct.finish(), sdk_envelope, "envelope with {o:?}");
         }
     }
 

@@ -1,23 +1,18 @@
 //! One AMQP sender for Event Hubs and Service Bus (they speak the same AMQP): a connection, a
-//! session and claims-based authorization reused across sends, a sender link per target, all
-//! re-established after a drop; tokens from the endpoint's managed identity (CBS type `jwt`) or SAS
-//! tokens signed from its connection string (type `servicebus.windows.net:sastoken`), put again
-//! before they expire.
+//! session and claims-based authorization reused across sends, sender links per target, all
+//! re-established after a drop (the AMQP client itself is [`wire`]); tokens from the endpoint's
+//! managed identity (CBS type `jwt`) or SAS tokens signed from its connection string (type
+//! `servicebus.windows.net:sastoken`), put again before they expire.
 
 pub mod message;
+pub mod wire;
 
 use crate::config::ConnectionString;
 use crate::delivery::Envelope;
-use crate::event::CloudEvent;
 use crate::identity::sas::{self, DEFAULT_SAS_VALIDITY, SAS_TOKEN_TYPE};
 use crate::identity::{provider::required_role, CachedCredential, Token};
 use crate::sinks::DeliveryOutcome;
-use azure_core_amqp::{
-    AmqpClaimsBasedSecurity, AmqpClaimsBasedSecurityApis, AmqpConnection, AmqpConnectionApis,
-    AmqpConnectionOptions, AmqpError, AmqpMessage, AmqpSendOptions, AmqpSendOutcome, AmqpSender,
-    AmqpSenderApis, AmqpSession, AmqpSessionApis,
-};
-use message::{batched_size, encode_event, envelope_for, MessageOptions};
+use message::{batched_size, encode_event_into, EnvelopeWriter, MessageOptions};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -92,11 +87,9 @@ pub struct AmqpTargetConfig {
 /// An open connection with what hangs off it (shared with the operations running on the
 /// client's [`AmqpThread`]).
 struct Connected {
-    connection: Arc<AmqpConnection>,
-    session: AmqpSession,
-    cbs: Arc<AmqpClaimsBasedSecurity>,
+    connection: Arc<wire::Connection>,
     /// Sender links by target address and lane.
-    senders: HashMap<(String, usize), (Arc<AmqpSender>, u64)>,
+    senders: HashMap<(String, usize), (wire::SenderLink, u64)>,
     /// The token in force on this connection and its expiry.
     authorized: Option<(Token, OffsetDateTime)>,
 }
@@ -134,20 +127,18 @@ pub struct AmqpClient {
     io: OnceLock<Arc<AmqpThread>>,
 }
 
-/// The thread a client's AMQP connection lives on: a single-threaded runtime that runs
-/// fe2o3's connection and session engines and every operation on them (open, begin, attach,
-/// put-token, send, detach, close).
+/// The thread a client's AMQP connection lives on: a single-threaded runtime that runs the
+/// connection's reader and writer tasks and every operation on it (open, attach, put-token,
+/// send, close).
 ///
-/// Why not the caller's runtime: fe2o3-amqp 0.14.1's `Sender::send` hands the transfer to the
-/// session engine first and records the delivery in the link's unsettled map only afterwards
-/// (`SenderLink::send_payload_with_transfer`, link/sender_link.rs). On a multi-threaded runtime
-/// the session engine, on another worker, can take the service's settled disposition in between
-/// (the sending thread only has to be descheduled for a moment): it removes the delivery id
-/// (`Session::on_incoming_disposition`, session/mod.rs), finds nothing to settle in the link's
-/// map (`LinkRelay::on_incoming_disposition`, link/mod.rs) and drops the outcome, and the send
-/// then waits forever for an answer that already came. With the engines and the sending future
-/// on one thread, the session engine cannot run between those two steps. (put-token goes
-/// through an fe2o3 sender too.)
+/// One thread for all of them keeps a request's fan-out to several endpoints to one wake-up
+/// (context switches are most of what delivery costs at moderate rates). The load test's SDK
+/// baseline runs on one too, for another reason: fe2o3-amqp 0.14.1's `Sender::send` hands the
+/// transfer to the session engine first and records the delivery in the link's unsettled map
+/// only afterwards (`SenderLink::send_payload_with_transfer`, link/sender_link.rs); on a
+/// multi-threaded runtime the session engine, on another worker, can take the service's settled
+/// disposition in between, find nothing to settle and drop the outcome, and the send then waits
+/// forever. With the engines and the sending future on one thread that cannot happen.
 pub(crate) struct AmqpThread {
     handle: tokio::runtime::Handle,
     /// Dropped with the client: the thread then winds down (none when the runtime is the
@@ -213,11 +204,11 @@ impl AmqpThread {
     }
 
     /// Runs the AMQP operation `f` on this thread, for at most `limit`.
-    async fn run<T: Send + 'static>(
+    async fn run<T: Send + 'static, E: fmt::Display + Send + 'static>(
         &self,
         limit: Duration,
         what: &str,
-        f: impl Future<Output = Result<T, AmqpError>> + Send + 'static,
+        f: impl Future<Output = Result<T, E>> + Send + 'static,
     ) -> Result<T, String> {
         match self.spawn(tokio::time::timeout(limit, f)).await {
             Ok(Ok(Ok(v))) => Ok(v),
@@ -316,38 +307,21 @@ impl AmqpClient {
 
     async fn connect(&self) -> Result<Connected, Failure> {
         let io = self.io()?;
-        let connection = Arc::new(AmqpConnection::new());
-        let url = url::Url::parse(&format!("amqps://{}", self.config.namespace))
-            .map_err(|e| Failure::Permanent(format!("namespace {}: {e}", self.config.namespace)))?;
-        let options = AmqpConnectionOptions {
-            custom_endpoint: self.config.custom_endpoint.clone(),
-            ..Default::default()
+        let url = match &self.config.custom_endpoint {
+            Some(url) => url.clone(),
+            None => url::Url::parse(&format!("amqps://{}", self.config.namespace))
+                .map_err(|e| Failure::Permanent(format!("namespace {}: {e}", self.config.namespace)))?,
         };
-        let name = format!("twinroute-{}-{}", self.config.endpoint, uuid::Uuid::new_v4());
-        let conn = connection.clone();
-        let open = async move { conn.open(name, url, Some(options)).await };
-        io.run(OPERATION_TIMEOUT, "opening the AMQP connection", open)
-            .await
-            .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
-        // Begun where it lives: a clone taken before `begin` would stay unbegun.
-        let conn = connection.clone();
-        let begin = async move {
-            let session = AmqpSession::new();
-            session.begin(&conn, None).await.map(|()| session)
+        let hostname = self.config.namespace.clone();
+        let container_id = format!("twinroute-{}-{}", self.config.endpoint, uuid::Uuid::new_v4());
+        let open = async move {
+            wire::Connection::open(wire::Endpoint { url: &url, hostname: &hostname, container_id }).await
         };
-        let session = io
-            .run(OPERATION_TIMEOUT, "beginning the AMQP session", begin)
+        let connection = io
+            .run(OPERATION_TIMEOUT, "opening the AMQP connection", open)
             .await
             .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
-        let cbs = Arc::new(
-            AmqpClaimsBasedSecurity::new(session.clone())
-                .map_err(|e| Failure::Transient(format!("{}: CBS: {e}", self.where_()), None))?,
-        );
-        let attaching = cbs.clone();
-        io.run(OPERATION_TIMEOUT, "attaching to $cbs", async move { attaching.attach().await })
-            .await
-            .map_err(|e| Failure::Transient(format!("{}: {e}", self.where_()), None))?;
-        Ok(Connected { connection, session, cbs, senders: HashMap::new(), authorized: None })
+        Ok(Connected { connection: Arc::new(connection), senders: HashMap::new(), authorized: None })
     }
 
     /// Puts a token unless the one in force is still good for a while (or `force`).
@@ -361,9 +335,13 @@ impl AmqpClient {
         }
         let (path, token_type, token) = self.token().await?;
         *self.last_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-        let secret = azure_core::credentials::Secret::new(token.secret.expose().to_owned());
-        let (cbs, expires_on) = (connected.cbs.clone(), token.expires_on);
-        let put_token = async move { cbs.authorize_path(path, token_type, &secret, expires_on).await };
+        let secret = token.secret.expose().to_owned();
+        let expires_ms = token.expires_on.unix_timestamp().saturating_mul(1000);
+        let connection = connected.connection.clone();
+        let put_token = async move {
+            let token_type = token_type.as_deref().unwrap_or("jwt");
+            connection.put_token(&path, token_type, &secret, expires_ms).await
+        };
         let put = self.io()?.run(OPERATION_TIMEOUT, "put-token", put_token).await;
         match put {
             Ok(()) => {
@@ -398,25 +376,19 @@ impl AmqpClient {
         connected: &mut Connected,
         target: &str,
         lane: usize,
-    ) -> Result<(Arc<AmqpSender>, u64), Failure> {
+    ) -> Result<(wire::SenderLink, u64), Failure> {
         let key = (target.to_owned(), lane);
         if !connected.senders.contains_key(&key) {
-            let sender = Arc::new(AmqpSender::new());
             let address = format!("amqps://{}/{}", self.config.namespace, target);
             let name = format!("twinroute-sender-{}", uuid::Uuid::new_v4());
-            let (attaching, session) = (sender.clone(), connected.session.clone());
-            let attach = async move { attaching.attach(&session, name, address, None).await };
-            self.io()?
+            let connection = connected.connection.clone();
+            let attach = async move { connection.attach_sender(name, address).await };
+            let sender = self
+                .io()?
                 .run(OPERATION_TIMEOUT, "attaching the sender", attach)
                 .await
                 .map_err(|e| classify_text(&e, &self.role_hint(), &self.where_()))?;
-            let max = sender
-                .max_message_size()
-                .await
-                .ok()
-                .flatten()
-                .filter(|&m| m > 0)
-                .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+            let max = sender.max_message_size().unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
             connected.senders.insert(key.clone(), (sender, max));
         }
         let (sender, max) = connected.senders.get(&key).expect("inserted above");
@@ -429,7 +401,7 @@ impl AmqpClient {
         &self,
         target: &str,
         lanes: usize,
-    ) -> Result<(Vec<Arc<AmqpSender>>, u64, Arc<AmqpConnection>), Failure> {
+    ) -> Result<(Vec<wire::SenderLink>, u64, Arc<wire::Connection>), Failure> {
         let mut state = self.state.lock().await;
         let connected = self.ready(&mut state).await?;
         let mut senders = Vec::with_capacity(lanes);
@@ -452,12 +424,12 @@ impl AmqpClient {
 
     /// After a send failed in a way that leaves the connection in doubt: drops it (if it is
     /// still the current one), so the next send starts clean.
-    async fn drop_connection(&self, failed: &Arc<AmqpConnection>) {
+    async fn drop_connection(&self, failed: &Arc<wire::Connection>) {
         let mut state = self.state.lock().await;
         if state.as_ref().is_some_and(|c| Arc::ptr_eq(&c.connection, failed)) {
             if let (Some(old), Some(io)) = (state.take(), self.io.get()) {
                 io.handle.spawn(async move {
-                    let _ = old.connection.close().await;
+                    old.connection.close(CLOSE_STEP_TIMEOUT).await;
                 });
             }
         }
@@ -465,6 +437,11 @@ impl AmqpClient {
 
     async fn ready<'a>(&self, state: &'a mut Option<Connected>) -> Result<&'a mut Connected, Failure> {
         if state.is_none() {
+            *state = Some(self.connect().await?);
+        }
+        if let Some(why) = state.as_ref().and_then(|c| c.connection.failed()) {
+            // Dropped or closed by the service since the last send: start over.
+            tracing::debug!(endpoint = %self.config.endpoint, reason = %why, "reconnecting");
             *state = Some(self.connect().await?);
         }
         let connected = state.as_mut().expect("connected above");
@@ -478,18 +455,12 @@ impl AmqpClient {
     /// What a send's result means for the delivery, and whether the connection is in doubt.
     fn classify_send(&self, result: SendResult) -> (DeliveryOutcome, bool) {
         match result {
-            Ok(Ok(AmqpSendOutcome::Accepted)) => (DeliveryOutcome::Delivered, false),
-            Ok(Ok(AmqpSendOutcome::Rejected(error))) => {
-                let (condition, description) = match &error {
-                    Some(e) => (e.condition.to_string(), e.description.clone().unwrap_or_default()),
-                    None => ("(none)".to_owned(), String::new()),
-                };
-                (
-                    classify_condition(&condition, &description, &self.role_hint(), &self.where_()).into(),
-                    false,
-                )
-            }
-            Ok(Ok(AmqpSendOutcome::Released | AmqpSendOutcome::Modified(_))) => (
+            Ok(Ok(wire::Outcome::Accepted)) => (DeliveryOutcome::Delivered, false),
+            Ok(Ok(wire::Outcome::Rejected { condition, description })) => (
+                classify_condition(&condition, &description, &self.role_hint(), &self.where_()).into(),
+                false,
+            ),
+            Ok(Ok(wire::Outcome::Released | wire::Outcome::Modified)) => (
                 DeliveryOutcome::Transient {
                     reason: format!("{}: the service released the message", self.where_()),
                     after: None,
@@ -517,21 +488,7 @@ impl AmqpClient {
         let Some(c) = self.state.lock().await.take() else { return };
         // A connection exists only once the thread does.
         let Some(io) = self.io.get() else { return };
-        let closing = async move {
-            for (_, (sender, _)) in c.senders {
-                // Only an operation cut short could still hold a reference; dropping the
-                // sender then detaches it.
-                if let Ok(sender) = Arc::try_unwrap(sender) {
-                    let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, sender.detach()).await;
-                }
-            }
-            if let Ok(cbs) = Arc::try_unwrap(c.cbs) {
-                let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, cbs.detach()).await;
-            }
-            let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, c.session.end()).await;
-            let _ = tokio::time::timeout(CLOSE_STEP_TIMEOUT, c.connection.close()).await;
-        };
-        let _ = io.spawn(closing).await;
+        let _ = io.spawn(async move { c.connection.close(CLOSE_STEP_TIMEOUT).await }).await;
     }
 }
 
@@ -557,10 +514,10 @@ pub fn group_by_key(
 
 /// The outcome of one send on the AMQP thread: the service's answer, or the client's error, or
 /// no answer in time.
-type SendResult = Result<Result<AmqpSendOutcome, AmqpError>, tokio::time::error::Elapsed>;
+type SendResult = Result<Result<wire::Outcome, String>, tokio::time::error::Elapsed>;
 
-/// A message to send and the positions (in the batch) of the events it carries.
-type Planned = (Vec<usize>, AmqpMessage);
+/// A message to send (encoded) and the positions (in the batch) of the events it carries.
+type Planned = (Vec<usize>, Vec<u8>);
 
 /// The messages of one group (one partition key or session, in order): each with the
 /// positions of the events it carries, filled up to `max`; events that alone are too large are
@@ -571,16 +528,38 @@ fn plan_group(
     options: &MessageOptions,
     max: u64,
 ) -> (Vec<Planned>, Vec<(usize, String)>) {
+    thread_local! {
+        // One event's encoding, and the sections' contents before their headers: reused.
+        static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let (encoded, sections) = &mut *scratch;
+            plan_group_with(batch, positions, options, max, encoded, sections)
+        }
+        Err(_) => plan_group_with(batch, positions, options, max, &mut Vec::new(), &mut Vec::new()),
+    })
+}
+
+fn plan_group_with(
+    batch: &[Arc<Envelope>],
+    positions: &[usize],
+    options: &MessageOptions,
+    max: u64,
+    encoded: &mut Vec<u8>,
+    sections: &mut Vec<u8>,
+) -> (Vec<Planned>, Vec<(usize, String)>) {
     let budget = max.saturating_sub(ENVELOPE_OVERHEAD) as usize;
     let mut messages = Vec::new();
     let mut oversized = Vec::new();
-    let mut pending: Vec<Vec<u8>> = Vec::new();
+    let mut pending: Option<EnvelopeWriter> = None;
     let mut pending_at: Vec<usize> = Vec::new();
-    let mut first: Option<&CloudEvent> = None;
     let mut size = 0usize;
     for &i in positions {
         let event = &batch[i].event;
-        let encoded = encode_event(event, options);
+        encoded.clear();
+        encode_event_into(event, options, encoded, sections);
         let add = batched_size(encoded.len());
         if add > budget {
             oversized.push((
@@ -593,22 +572,23 @@ fn plan_group(
             ));
             continue;
         }
-        if size + add > budget && !pending.is_empty() {
-            let head = first.expect("set with the first message");
-            let envelope = envelope_for(head, options, std::mem::take(&mut pending));
-            messages.push((std::mem::take(&mut pending_at), envelope));
-            size = 0;
-            first = None;
+        if size + add > budget {
+            if let Some(full) = pending.take() {
+                messages.push((std::mem::take(&mut pending_at), full.finish()));
+                size = 0;
+            }
         }
-        if first.is_none() {
-            first = Some(event);
-        }
+        let envelope = pending.get_or_insert_with(|| {
+            // Room for this group's events, up to the message size: most groups are small.
+            let room = positions.len().saturating_mul(add).min(budget);
+            EnvelopeWriter::start(event, options, room, sections)
+        });
+        envelope.push(encoded);
         size += add;
-        pending.push(encoded);
         pending_at.push(i);
     }
-    if let Some(first) = first {
-        messages.push((pending_at, envelope_for(first, options, pending)));
+    if let Some(last) = pending {
+        messages.push((pending_at, last.finish()));
     }
     (messages, oversized)
 }
@@ -650,27 +630,22 @@ impl AmqpClient {
             Err(f) => return f.into(),
         };
         tracing::trace!(endpoint = %self.config.endpoint, target, lanes, "sending");
-        let send_options =
-            AmqpSendOptions { message_format: Some(message::BATCH_MESSAGE_FORMAT), ..Default::default() };
         // Per lane: the positions delivered, and the failed send's result if one failed.
         let sending = async move {
-            let lanes = planned.into_iter().zip(senders).map(|(messages, sender)| {
-                let send_options = send_options.clone();
-                async move {
-                    let mut delivered = Vec::new();
-                    for (positions, message) in messages {
-                        let result = tokio::time::timeout(
-                            SEND_TIMEOUT,
-                            sender.send(message, Some(send_options.clone())),
-                        )
-                        .await;
-                        if !matches!(result, Ok(Ok(AmqpSendOutcome::Accepted))) {
-                            return (delivered, Some(result));
-                        }
-                        delivered.extend(positions);
+            let lanes = planned.into_iter().zip(senders).map(|(messages, sender)| async move {
+                let mut delivered = Vec::new();
+                for (positions, message) in messages {
+                    let result = tokio::time::timeout(
+                        SEND_TIMEOUT,
+                        sender.send(&message, message::BATCH_MESSAGE_FORMAT),
+                    )
+                    .await;
+                    if !matches!(result, Ok(Ok(wire::Outcome::Accepted))) {
+                        return (delivered, Some(result));
                     }
-                    (delivered, None)
+                    delivered.extend(positions);
                 }
+                (delivered, None)
             });
             futures::future::join_all(lanes).await
         };
