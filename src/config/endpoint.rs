@@ -79,8 +79,9 @@ pub struct EndpointSpec {
     /// (`amqp://host:port` is plain TCP): a local stand-in or emulator, or a proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_endpoint: Option<String>,
-    /// HTTPS endpoints (Blob, Event Grid, dead-letter stores): a PEM file of extra CA
-    /// certificates to trust (a private CA, a TLS-inspecting proxy, a local emulator).
+    /// A PEM file of extra CA certificates to trust (a private CA, a TLS-inspecting proxy, a
+    /// local emulator) for the endpoint's TLS connections: HTTPS (Blob, Event Grid, dead-letter
+    /// stores) and AMQP over TLS (Event Hubs, Service Bus).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
 }
@@ -287,7 +288,7 @@ pub struct EndpointConfig {
     pub identity: Option<Identity>,
     pub target: EndpointTarget,
     pub dead_letter: Option<DeadLetter>,
-    /// Extra CA certificates (PEM) to trust for this endpoint's HTTPS connections.
+    /// Extra CA certificates (PEM) to trust for this endpoint's TLS connections (HTTPS, AMQP).
     pub ca_file: Option<PathBuf>,
     /// Event Hubs / Service Bus: where the AMQP connection really goes (see the spec field).
     pub custom_endpoint: Option<url::Url>,

@@ -532,3 +532,78 @@ async fn an_event_too_large_for_the_hub_is_refused_alone() {
         .collect();
     assert_eq!(ids.len(), 2, "the two that fit, once each: {ids:?}");
 }
+
+/// A TLS front for the stand-in (as Azure's `amqps` port is): TLS with `cert`/`key`, then the
+/// bytes go both ways to `backend`. Counts the TLS sessions it completed.
+async fn tls_front(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    backend: String,
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let files = twinroute::config::TlsFiles { cert: cert.to_owned(), key: key.to_owned() };
+    let (acceptor, _store) = twinroute::server::tls::CertStore::acceptor("amqp-test", &files).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sessions.clone();
+    tokio::spawn(async move {
+        let _store = _store;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, backend, counted) = (acceptor.clone(), backend.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, sessions)
+}
+
+#[tokio::test]
+async fn amqps_with_a_private_ca_and_refused_without_it() {
+    let stack = stack(AmqpConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::security::self_signed(dir.path());
+    let backend = stack.amqp.endpoint().trim_start_matches("amqp://").trim_end_matches('/').to_owned();
+    let (port, sessions) = tls_front(&cert, &key, backend).await;
+    let endpoint = |name: &str, ca: &str| {
+        format!(
+            "[endpoints.{name}]\ntype = \"EventHub\"\nconnection_string = \"{};EntityPath=twins\"\n\
+             partition_key = \"none\"\ncustom_endpoint = \"amqps://localhost:{port}\"\n{ca}",
+            connection_string(DEV_SAS_KEY)
+        )
+    };
+    let extra = format!(
+        "[delivery]\nshutdown_timeout_seconds = 1\n{}{}",
+        endpoint("trusting", &format!("ca_file = \"{}\"\n", cert.display())),
+        endpoint("untrusting", "")
+    );
+    let mut app = spawn_real(&extra).await;
+    assert_eq!(app.put_route("to-trusting", "trusting", "true").await.status(), 204);
+    assert_eq!(app.put_route("to-untrusting", "untrusting", "true").await.status(), 204);
+    let batch = serde_json::json!([twin_create("a"), telemetry("a", 1.0)]);
+    let response = app.post("application/cloudevents-batch+json", batch.to_string()).await;
+    assert_eq!(response.status(), 202);
+    let running = app.running.take().unwrap();
+    // Without the CA the certificate is refused, and the endpoint says so while it retries.
+    let untrusting = running.dispatcher.snapshot().endpoints["untrusting"].clone();
+    let (health, reason) =
+        within("degraded", untrusting.stats.wait_for_health(|h| h != Health::Healthy)).await;
+    assert_ne!(health, Health::Healthy);
+    let reason = reason.unwrap_or_default();
+    assert!(reason.to_lowercase().contains("certificate"), "{reason}");
+    drop(untrusting);
+    let report = within("stop", running.stop()).await;
+    assert_eq!(report.undelivered, [("untrusting".to_owned(), 2)], "{report:?}");
+    // With it, both events went through TLS to the hub (twice over: the hub holds what the
+    // trusting endpoint sent; the untrusting one sent nothing).
+    let partitions = read_hub(&stack, "twins").await;
+    let ids: Vec<String> =
+        partitions.values().flatten().map(|e| string_property(e, "cloudEvents:id").unwrap()).collect();
+    let sent: Vec<String> =
+        batch.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, sent);
+    assert!(sessions.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the events came over TLS");
+}

@@ -141,7 +141,7 @@ async fn a_token_file_is_read_again_when_it_changes() {
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, made by openssl at test time.
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let status = std::process::Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=twinroute-test"])

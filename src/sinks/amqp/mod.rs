@@ -81,6 +81,8 @@ pub struct AmqpTargetConfig {
     /// Connect here instead of `amqps://<namespace>:5671` (`amqp://` is plain TCP): local stand-ins,
     /// emulators, proxies.
     pub custom_endpoint: Option<url::Url>,
+    /// Extra CA certificates (PEM) to trust for the TLS connection (`amqps`).
+    pub ca_file: Option<std::path::PathBuf>,
     pub auth: AmqpAuth,
 }
 
@@ -314,8 +316,11 @@ impl AmqpClient {
         };
         let hostname = self.config.namespace.clone();
         let container_id = format!("twinroute-{}-{}", self.config.endpoint, uuid::Uuid::new_v4());
+        let ca_file = self.config.ca_file.clone();
         let open = async move {
-            wire::Connection::open(wire::Endpoint { url: &url, hostname: &hostname, container_id }).await
+            let endpoint =
+                wire::Endpoint { url: &url, hostname: &hostname, container_id, ca_file: ca_file.as_deref() };
+            wire::Connection::open(endpoint).await
         };
         let connection = io
             .run(OPERATION_TIMEOUT, "opening the AMQP connection", open)

@@ -197,6 +197,8 @@ pub struct Endpoint<'a> {
     /// The AMQP host name (the namespace), whatever the socket connects to.
     pub hostname: &'a str,
     pub container_id: String,
+    /// Extra CA certificates (PEM) to trust besides the system's.
+    pub ca_file: Option<&'a std::path::Path>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -218,7 +220,13 @@ impl Connection {
             .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let mut io: Box<dyn Io> = if tls {
-            let connector = native_tls::TlsConnector::new().map_err(|e| format!("TLS: {e}"))?;
+            let mut builder = native_tls::TlsConnector::builder();
+            if let Some(path) = endpoint.ca_file {
+                for certificate in load_ca_file(path)? {
+                    builder.add_root_certificate(certificate);
+                }
+            }
+            let connector = builder.build().map_err(|e| format!("TLS: {e}"))?;
             let connector = tokio_native_tls::TlsConnector::from(connector);
             Box::new(connector.connect(host, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?)
         } else {
@@ -876,6 +884,26 @@ fn split_performative(body: Bytes) -> Result<(Performative, Bytes), String> {
         Performative::deserialize(&mut de).map_err(|e| format!("decoding a frame: {e}"))?
     };
     Ok((performative, reader.into_inner()))
+}
+
+/// The certificates of a PEM file.
+fn load_ca_file(path: &std::path::Path) -> Result<Vec<native_tls::Certificate>, String> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| format!("ca_file {}: cannot be read ({e})", path.display()))?;
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut certificates = Vec::new();
+    let mut rest = pem.as_str();
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(end) = rest[start..].find(END).map(|e| start + e + END.len()) else { break };
+        let certificate = native_tls::Certificate::from_pem(&rest.as_bytes()[start..end])
+            .map_err(|e| format!("ca_file {}: not a valid PEM certificate ({e})", path.display()))?;
+        certificates.push(certificate);
+        rest = &rest[end..];
+    }
+    if certificates.is_empty() {
+        return Err(format!("ca_file {}: holds no PEM certificate", path.display()));
+    }
+    Ok(certificates)
 }
 
 /// Protocol headers, SASL ANONYMOUS, open and begin: the service's open and begin.

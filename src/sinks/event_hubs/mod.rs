@@ -29,6 +29,7 @@ impl EventHubsSink {
             namespace: namespace.clone(),
             entity: hub.clone(),
             custom_endpoint: endpoint.custom_endpoint.clone(),
+            ca_file: endpoint.ca_file.clone(),
             auth,
         };
         Ok(Self { client: AmqpClient::new(config), partitioning: partitioning.clone() })

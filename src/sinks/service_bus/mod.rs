@@ -28,6 +28,7 @@ impl ServiceBusSink {
             namespace: namespace.clone(),
             entity: entity.clone(),
             custom_endpoint: endpoint.custom_endpoint.clone(),
+            ca_file: endpoint.ca_file.clone(),
             auth,
         };
         Ok(Self { client: AmqpClient::new(config), session_id: *session_id })
