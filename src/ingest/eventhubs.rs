@@ -653,6 +653,10 @@ async fn read_partition(
         let mut since_checkpoint = 0u64;
         let mut last_checkpoint = Instant::now();
         let mut last_in_batch: Option<ReceivedEventData> = None;
+        // The last event this reader took. The SDK's receiver can hand events over again after
+        // it recovers from a dropped connection, some of them still in the open batch (so not
+        // yet in `accepted`): taken twice, they would be routed twice.
+        let mut taken: Option<Accepted> = None;
         // Events received since the last submission (valid or skipped).
         let mut pending = 0u64;
         loop {
@@ -680,15 +684,17 @@ async fn read_partition(
                     // Looked up for each event: an old reader of this partition may still be
                     // draining its receiver while this one starts.
                     let before = lock(&accepted).get(&partition).copied();
-                    if let Some(before) = before.filter(|a| a.covers(&event)) {
+                    let again = taken.filter(|t| t.covers(&event));
+                    if let Some(before) = before.filter(|a| a.covers(&event)).or(again) {
                         if !skipping {
-                            tracing::info!(source = %name, partition = %partition, from = ?event.sequence_number(), to = before.sequence_number, "reading again what an earlier reader here accepted: skipped, not routed twice");
+                            tracing::info!(source = %name, partition = %partition, from = ?event.sequence_number(), to = before.sequence_number, "reading again what this process already took: skipped, not routed twice");
                             skipping = true;
                         }
                         reread.increment(1);
                         continue;
                     }
                     pending += 1;
+                    taken = Accepted::of(&event).or(taken);
                     match to_cloud_event(&event) {
                         Ok(e) => batch.push(e),
                         Err(problems) => {
