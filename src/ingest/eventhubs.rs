@@ -691,6 +691,13 @@ async fn read_partition(
                             skipping = true;
                         }
                         reread.increment(1);
+                        // Taken here already: for the lag it counts as read (a partition opened
+                        // again at an older checkpoint has no work left once it has skipped up).
+                        if let (Some(seq), Some(state)) =
+                            (event.sequence_number(), lock(&owned).get_mut(&partition))
+                        {
+                            state.last_received = Some(seq);
+                        }
                         continue;
                     }
                     pending += 1;
@@ -729,21 +736,33 @@ async fn read_partition(
                 if let (Some(seq), Some(state)) = (last.sequence_number(), lock(&owned).get_mut(&partition)) {
                     state.last_received = Some(seq);
                 }
-                if submit(&dispatcher, &mut batch).await {
-                    if let Some(position) = Accepted::of(&last) {
-                        // Only forward: an old reader finishing its last batch must not move
-                        // the position back behind what a newer one accepted.
-                        let mut accepted = lock(&accepted);
-                        if !accepted.get(&partition).is_some_and(|a| a.covers_position(&position)) {
-                            accepted.insert(partition.clone(), position);
+                // Submitted and recorded in a task of its own: a reader is cancelled when the
+                // processor is built again, and if that happened while the dispatcher took the
+                // batch (the disk spool syncs it first) the events would be routed but not
+                // recorded, and the next reader here would route them again.
+                let submitting = {
+                    let (dispatcher, accepted, partition) =
+                        (dispatcher.clone(), accepted.clone(), partition.clone());
+                    let (mut events, position) = (std::mem::take(&mut batch), Accepted::of(&last));
+                    tokio::spawn(async move {
+                        let taken = submit(&dispatcher, &mut events).await;
+                        if let (true, Some(position)) = (taken, position) {
+                            // Only forward: an old reader finishing its last batch must not move
+                            // the position back behind what a newer one accepted.
+                            let mut accepted = lock(&accepted);
+                            if !accepted.get(&partition).is_some_and(|a| a.covers_position(&position)) {
+                                accepted.insert(partition, position);
+                            }
                         }
-                    }
+                        taken
+                    })
+                };
+                if submitting.await.unwrap_or(false) {
                     since_checkpoint += std::mem::take(&mut pending);
                     uncheckpointed = Some(last);
                 } else {
                     // Refused: twinroute is stopping. What was accepted before may still be
                     // checkpointed below.
-                    batch.clear();
                     stopping = true;
                     ended = Some("twinroute is stopping".to_owned());
                 }

@@ -272,25 +272,8 @@ impl Connection {
 
     /// Attaches a sender link to `address`.
     pub async fn attach_sender(&self, name: String, address: String) -> Result<SenderLink, String> {
-        let attach = |handle| Attach {
-            name: name.clone(),
-            handle: Handle(handle),
-            role: Role::Sender,
-            snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
-            source: Some(Box::new(Source::builder().address(name.clone()).build())),
-            target: Some(Box::new(TargetArchetype::Target(
-                Target::builder().address(address.clone()).build(),
-            ))),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: Some(0),
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        };
-        let (handle, max_message_size) = self.attach(name.clone(), None, attach).await?;
+        let attach = link_attach(&name, Role::Sender, &name, &address);
+        let (handle, max_message_size) = self.attach(name, None, attach).await?;
         Ok(SenderLink { inner: self.inner.clone(), handle, max_message_size })
     }
 
@@ -302,43 +285,16 @@ impl Connection {
         target: &str,
         replies: mpsc::UnboundedSender<Bytes>,
     ) -> Result<u32, String> {
-        let attach = |handle| Attach {
-            name: name.clone(),
-            handle: Handle(handle),
-            role: Role::Receiver,
-            snd_settle_mode: SenderSettleMode::Unsettled,
-            rcv_settle_mode: ReceiverSettleMode::First,
-            source: Some(Box::new(Source::builder().address(source.to_owned()).build())),
-            target: Some(Box::new(TargetArchetype::Target(
-                Target::builder().address(target.to_owned()).build(),
-            ))),
-            unsettled: None,
-            incomplete_unsettled: false,
-            initial_delivery_count: None,
-            max_message_size: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        };
-        let (handle, _) = self.attach(name.clone(), Some(replies), attach).await?;
+        let attach = link_attach(&name, Role::Receiver, source, target);
+        let (handle, _) = self.attach(name, Some(replies), attach).await?;
         // Credit for the answers.
         let mut st = self.inner.lock();
-        let (next_incoming_id, next_outgoing_id) = (st.next_incoming_id, st.next_outgoing_id);
-        if let Some(link) = st.links.get_mut(&handle) {
+        let count = st.links.get_mut(&handle).map(|link| {
             link.credit = REPLY_CREDIT;
-            let flow = Flow {
-                next_incoming_id: Some(next_incoming_id),
-                incoming_window: WINDOW,
-                next_outgoing_id,
-                outgoing_window: WINDOW,
-                handle: Some(Handle(handle)),
-                delivery_count: Some(link.delivery_count),
-                link_credit: Some(REPLY_CREDIT),
-                available: None,
-                drain: false,
-                echo: false,
-                properties: None,
-            };
+            link.delivery_count
+        });
+        if let Some(count) = count {
+            let flow = link_flow(&st, handle, count, REPLY_CREDIT, None);
             put_frame(&mut st.out, &flow, &[]);
         }
         drop(st);
@@ -346,11 +302,12 @@ impl Connection {
         Ok(handle)
     }
 
+    /// Sends `attach` on the next handle and waits for the service's attach.
     async fn attach(
         &self,
         name: String,
         replies: Option<mpsc::UnboundedSender<Bytes>>,
-        attach: impl FnOnce(u32) -> Attach,
+        mut attach: Attach,
     ) -> Result<(u32, Option<u64>), String> {
         let (tx, rx) = oneshot::channel();
         let handle = {
@@ -360,8 +317,8 @@ impl Connection {
             }
             let handle = st.next_handle;
             st.next_handle += 1;
-            let performative = attach(handle);
-            put_frame(&mut st.out, &performative, &[]);
+            attach.handle = Handle(handle);
+            put_frame(&mut st.out, &attach, &[]);
             st.links.insert(
                 handle,
                 Link {
@@ -603,8 +560,7 @@ impl Inner {
                 };
                 if let Some(remote) = flow.handle {
                     if let Some(&handle) = st.by_remote_handle.get(&remote.0) {
-                        let (next_incoming_id, next_outgoing_id) = (st.next_incoming_id, st.next_outgoing_id);
-                        if let Some(link) = st.links.get_mut(&handle) {
+                        let state = st.links.get_mut(&handle).map(|link| {
                             if link.replies.is_none() {
                                 // Our sender: credit is what the receiver's count allows past ours.
                                 let count = flow.delivery_count.unwrap_or(0);
@@ -612,22 +568,11 @@ impl Inner {
                                     .wrapping_add(flow.link_credit.unwrap_or(0))
                                     .wrapping_sub(link.delivery_count);
                             }
-                            if flow.echo {
-                                let echo = Flow {
-                                    next_incoming_id: Some(next_incoming_id),
-                                    incoming_window: WINDOW,
-                                    next_outgoing_id,
-                                    outgoing_window: WINDOW,
-                                    handle: Some(Handle(handle)),
-                                    delivery_count: Some(link.delivery_count),
-                                    link_credit: Some(link.credit),
-                                    available: Some(0),
-                                    drain: false,
-                                    echo: false,
-                                    properties: None,
-                                };
-                                put_frame(&mut st.out, &echo, &[]);
-                            }
+                            (link.delivery_count, link.credit)
+                        });
+                        if let (true, Some((count, credit))) = (flow.echo, state) {
+                            let echo = link_flow(&st, handle, count, credit, Some(0));
+                            put_frame(&mut st.out, &echo, &[]);
                         }
                     }
                 }
@@ -668,19 +613,7 @@ impl Inner {
                     }
                 }
                 if let Some(delivery_count) = refill {
-                    let flow = Flow {
-                        next_incoming_id: Some(st.next_incoming_id),
-                        incoming_window: WINDOW,
-                        next_outgoing_id: st.next_outgoing_id,
-                        outgoing_window: WINDOW,
-                        handle: Some(Handle(handle)),
-                        delivery_count: Some(delivery_count),
-                        link_credit: Some(REPLY_CREDIT),
-                        available: None,
-                        drain: false,
-                        echo: false,
-                        properties: None,
-                    };
+                    let flow = link_flow(&st, handle, delivery_count, REPLY_CREDIT, None);
                     put_frame(&mut st.out, &flow, &[]);
                 }
             }
@@ -784,6 +717,46 @@ impl Inner {
             self.changed.notify_waiters();
         }
         Ok(())
+    }
+}
+
+/// An attach for a link of `role` from `source` to `target` (the handle is set when sent), in
+/// `unsettled` / `first` mode: the service settles each delivery with its outcome.
+fn link_attach(name: &str, role: Role, source: &str, target: &str) -> Attach {
+    // A sender's deliveries are counted from 0; a receiver's count is the service's to give.
+    let initial_delivery_count = (role == Role::Sender).then_some(0);
+    Attach {
+        name: name.to_owned(),
+        handle: Handle(0),
+        role,
+        snd_settle_mode: SenderSettleMode::Unsettled,
+        rcv_settle_mode: ReceiverSettleMode::First,
+        source: Some(Box::new(Source::builder().address(source.to_owned()).build())),
+        target: Some(Box::new(TargetArchetype::Target(Target::builder().address(target.to_owned()).build()))),
+        unsettled: None,
+        incomplete_unsettled: false,
+        initial_delivery_count,
+        max_message_size: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    }
+}
+
+/// A flow for link `handle` with the session's state: its delivery count and credit.
+fn link_flow(st: &State, handle: u32, delivery_count: u32, credit: u32, available: Option<u32>) -> Flow {
+    Flow {
+        next_incoming_id: Some(st.next_incoming_id),
+        incoming_window: WINDOW,
+        next_outgoing_id: st.next_outgoing_id,
+        outgoing_window: WINDOW,
+        handle: Some(Handle(handle)),
+        delivery_count: Some(delivery_count),
+        link_credit: Some(credit),
+        available,
+        drain: false,
+        echo: false,
+        properties: None,
     }
 }
 
