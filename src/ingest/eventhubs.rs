@@ -693,11 +693,7 @@ async fn read_partition(
                         reread.increment(1);
                         // Taken here already: for the lag it counts as read (a partition opened
                         // again at an older checkpoint has no work left once it has skipped up).
-                        if let (Some(seq), Some(state)) =
-                            (event.sequence_number(), lock(&owned).get_mut(&partition))
-                        {
-                            state.last_received = Some(seq);
-                        }
+                        note_received(&owned, &partition, event.sequence_number());
                         continue;
                     }
                     pending += 1;
@@ -733,9 +729,7 @@ async fn read_partition(
             // stopping, intake is closed: the batch is refused and read again by the next owner.)
             if let Some(last) = last_in_batch.take() {
                 // For the lag gauge: once per batch, not per event.
-                if let (Some(seq), Some(state)) = (last.sequence_number(), lock(&owned).get_mut(&partition)) {
-                    state.last_received = Some(seq);
-                }
+                note_received(&owned, &partition, last.sequence_number());
                 // Submitted and recorded in a task of its own: a reader is cancelled when the
                 // processor is built again, and if that happened while the dispatcher took the
                 // batch (the disk spool syncs it first) the events would be routed but not
@@ -757,7 +751,12 @@ async fn read_partition(
                         taken
                     })
                 };
-                if submitting.await.unwrap_or(false) {
+                let taken = match submitting.await {
+                    Ok(taken) => taken,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => false,
+                };
+                if taken {
                     since_checkpoint += std::mem::take(&mut pending);
                     uncheckpointed = Some(last);
                 } else {
@@ -830,6 +829,13 @@ async fn finish(
         Err(_) => {
             tracing::debug!(source = %name, partition = %partition, "partition client still shared; not closed")
         }
+    }
+}
+
+/// For the lag gauge: the last sequence number read from `partition`.
+fn note_received(owned: &Owned, partition: &str, sequence_number: Option<i64>) {
+    if let (Some(seq), Some(state)) = (sequence_number, lock(owned).get_mut(partition)) {
+        state.last_received = Some(seq);
     }
 }
 

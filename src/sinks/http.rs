@@ -43,15 +43,29 @@ pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
 /// Reads every certificate of a PEM file; a file with none is an error (a typo in the path or a
 /// key file given by mistake would otherwise silently trust nothing extra).
 pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    ca_file_certificates(path)?
+        .iter()
+        .map(|der| reqwest::Certificate::from_der(der))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("ca_file {}: not a valid PEM certificate bundle ({e})", path.display()))
+}
+
+/// The certificates (DER) of a PEM file, for every TLS client twinroute builds (HTTPS here,
+/// AMQP in `sinks::amqp::wire`); a file with none is an error.
+pub fn ca_file_certificates(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
     let pem = std::fs::read(path).map_err(|e| format!("ca_file {}: cannot be read ({e})", path.display()))?;
-    if !pem.windows(b"-----BEGIN CERTIFICATE-----".len()).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .map(|c| c.map(|der| der.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("ca_file {}: not a valid PEM certificate bundle ({e:?})", path.display()))?;
+    if certificates.is_empty() {
         return Err(format!(
             "ca_file {}: holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)",
             path.display()
         ));
     }
-    reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| format!("ca_file {}: not a valid PEM certificate bundle ({e})", path.display()))
+    Ok(certificates)
 }
 
 /// A URL fit for a message: scheme, host, port and path; no user info, query (a SAS) or fragment.

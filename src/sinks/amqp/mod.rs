@@ -441,12 +441,8 @@ impl AmqpClient {
     }
 
     async fn ready<'a>(&self, state: &'a mut Option<Connected>) -> Result<&'a mut Connected, Failure> {
-        if state.is_none() {
-            *state = Some(self.connect().await?);
-        }
-        if let Some(why) = state.as_ref().and_then(|c| c.connection.failed()) {
-            // Dropped or closed by the service since the last send: start over.
-            tracing::debug!(endpoint = %self.config.endpoint, reason = %why, "reconnecting");
+        // None yet, or dropped or closed by the service since the last send: start over.
+        if state.as_ref().is_none_or(|c| c.connection.failed().is_some()) {
             *state = Some(self.connect().await?);
         }
         let connected = state.as_mut().expect("connected above");

@@ -18,6 +18,7 @@
 //! window honoured, transfers larger than a frame split across frames, empty frames sent at half
 //! the service's idle timeout.
 
+use super::AbortOnDrop;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fe2o3_amqp_types::definitions::{
     self, ErrorCondition, Handle, ReceiverSettleMode, Role, SenderSettleMode,
@@ -90,6 +91,14 @@ fn error_text(error: &definitions::Error) -> String {
     }
 }
 
+/// "the service <did>", with the condition and description it gave.
+fn ended_by_service(did: &str, error: Option<&definitions::Error>) -> String {
+    match error {
+        Some(e) => format!("the service {did}: {}", error_text(e)),
+        None => format!("the service {did}"),
+    }
+}
+
 fn outcome_of(state: Option<DeliveryState>) -> Outcome {
     match state {
         Some(DeliveryState::Accepted(_)) => Outcome::Accepted,
@@ -116,8 +125,6 @@ struct Link {
     refused: bool,
     /// Why the link is gone.
     detached: Option<String>,
-    /// We sent our detach.
-    detach_sent: bool,
     /// Sender: deliveries sent; receiver: deliveries received.
     delivery_count: u32,
     /// Sender: credit left; receiver: credit granted and not used.
@@ -162,16 +169,8 @@ struct Inner {
 pub struct Connection {
     inner: Arc<Inner>,
     cbs: tokio::sync::Mutex<Option<Cbs>>,
-    _reader: AbortOnDrop,
-    _writer: AbortOnDrop,
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _reader: AbortOnDrop<()>,
+    _writer: AbortOnDrop<()>,
 }
 
 /// The `$cbs` request and reply links.
@@ -326,7 +325,6 @@ impl Connection {
                     attaching: Some(tx),
                     refused: false,
                     detached: None,
-                    detach_sent: false,
                     delivery_count: 0,
                     credit: 0,
                     replies,
@@ -339,7 +337,7 @@ impl Connection {
         match rx.await {
             Ok(Ok(max)) => Ok((handle, max)),
             Ok(Err(why)) => Err(why),
-            Err(_) => Err(self.failed().unwrap_or_else(|| "the connection was dropped".to_owned())),
+            Err(_) => Err(self.inner.why_gone()),
         }
     }
 
@@ -386,7 +384,7 @@ impl Connection {
         }
         loop {
             let Some(reply) = cbs.replies.recv().await else {
-                return Err(self.failed().unwrap_or_else(|| "the $cbs reply link closed".to_owned()));
+                return Err(self.inner.why_gone());
             };
             let message =
                 Body::<Value>::decode_message_from_reader(serde_amqp::read::SliceReader::new(&reply))
@@ -490,12 +488,7 @@ impl SenderLink {
         self.inner.wake_writer.notify_one();
         match rx.await {
             Ok(result) => result,
-            Err(_) => Err(self
-                .inner
-                .lock()
-                .failed
-                .clone()
-                .unwrap_or_else(|| "the connection was dropped".to_owned())),
+            Err(_) => Err(self.inner.why_gone()),
         }
     }
 }
@@ -503,6 +496,11 @@ impl SenderLink {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why a waiter was dropped without an answer: the connection failed.
+    fn why_gone(&self) -> String {
+        self.lock().failed.clone().unwrap_or_else(|| "the connection was dropped".to_owned())
     }
 
     /// Marks the connection failed: every waiting send and attach gets `why`.
@@ -651,10 +649,7 @@ impl Inner {
             }
             Performative::Detach(detach) => {
                 let Some(handle) = st.by_remote_handle.remove(&detach.handle.0) else { return Ok(()) };
-                let why = match &detach.error {
-                    Some(e) => format!("the service detached the link: {}", error_text(e)),
-                    None => "the service detached the link".to_owned(),
-                };
+                let why = ended_by_service("detached the link", detach.error.as_ref());
                 let Some(link) = st.links.get_mut(&handle) else { return Ok(()) };
                 link.detached = Some(why.clone());
                 link.replies = None;
@@ -665,15 +660,7 @@ impl Inner {
                         why.clone()
                     }));
                 }
-                let reply = !link.detach_sent;
-                link.detach_sent = true;
-                if reply {
-                    put_frame(
-                        &mut st.out,
-                        &Detach { handle: Handle(handle), closed: true, error: None },
-                        &[],
-                    );
-                }
+                put_frame(&mut st.out, &Detach { handle: Handle(handle), closed: true, error: None }, &[]);
                 // The link's unsettled sends will get no outcome.
                 let lost: Vec<u32> =
                     st.deliveries.iter().filter(|(_, (h, _))| *h == handle).map(|(&id, _)| id).collect();
@@ -685,19 +672,13 @@ impl Inner {
                 changed = true;
             }
             Performative::End(end) => {
-                let why = match &end.error {
-                    Some(e) => format!("the service ended the session: {}", error_text(e)),
-                    None => "the service ended the session".to_owned(),
-                };
+                let why = ended_by_service("ended the session", end.error.as_ref());
                 drop(st);
                 self.fail(why);
                 return Ok(());
             }
             Performative::Close(close) => {
-                let why = match &close.error {
-                    Some(e) => format!("the service closed the connection: {}", error_text(e)),
-                    None => "the service closed the connection".to_owned(),
-                };
+                let why = ended_by_service("closed the connection", close.error.as_ref());
                 if st.closing.is_none() {
                     put_frame(&mut st.out, &Close { error: None }, &[]);
                 }
@@ -799,20 +780,23 @@ fn put_transfer(
         aborted: false,
         batchable: false,
     };
-    // Performative sizes are small and bounded; with `more` set the encoding is the same size.
-    let first_overhead = 8 + serde_amqp::serialized_size(&transfer).unwrap_or(64) + 1;
-    if first_overhead + payload.len() <= max_frame {
-        put_frame(out, &transfer, payload);
+    // Written as one frame; only a payload too large for that is taken back and split (the
+    // performative is not serialized twice for the usual case).
+    let start = out.len();
+    put_frame(out, &transfer, payload);
+    if out.len() - start <= max_frame {
         return 1;
     }
+    out.truncate(start);
     transfer.more = true;
+    let first_overhead = 8 + serde_amqp::serialized_size(&transfer).unwrap_or(64);
     let mut frames = 0;
     let (head, mut rest) = payload.split_at((max_frame - first_overhead).min(payload.len()));
     put_frame(out, &transfer, head);
     frames += 1;
     let mut next =
         Transfer { delivery_id: None, delivery_tag: None, message_format: None, settled: None, ..transfer };
-    let overhead = 8 + serde_amqp::serialized_size(&next).unwrap_or(64) + 1;
+    let overhead = 8 + serde_amqp::serialized_size(&next).unwrap_or(64);
     while !rest.is_empty() {
         let (chunk, remaining) = rest.split_at((max_frame - overhead).min(rest.len()));
         next.more = !remaining.is_empty();
@@ -859,24 +843,13 @@ fn split_performative(body: Bytes) -> Result<(Performative, Bytes), String> {
     Ok((performative, reader.into_inner()))
 }
 
-/// The certificates of a PEM file.
+/// The certificates of a `ca_file` (read and checked as for the HTTPS endpoints).
 fn load_ca_file(path: &std::path::Path) -> Result<Vec<native_tls::Certificate>, String> {
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| format!("ca_file {}: cannot be read ({e})", path.display()))?;
-    const END: &str = "-----END CERTIFICATE-----";
-    let mut certificates = Vec::new();
-    let mut rest = pem.as_str();
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let Some(end) = rest[start..].find(END).map(|e| start + e + END.len()) else { break };
-        let certificate = native_tls::Certificate::from_pem(&rest.as_bytes()[start..end])
-            .map_err(|e| format!("ca_file {}: not a valid PEM certificate ({e})", path.display()))?;
-        certificates.push(certificate);
-        rest = &rest[end..];
-    }
-    if certificates.is_empty() {
-        return Err(format!("ca_file {}: holds no PEM certificate", path.display()));
-    }
-    Ok(certificates)
+    crate::sinks::http::ca_file_certificates(path)?
+        .iter()
+        .map(|der| native_tls::Certificate::from_der(der))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("ca_file {}: not a valid certificate ({e})", path.display()))
 }
 
 /// Protocol headers, SASL ANONYMOUS, open and begin: the service's open and begin.
@@ -947,16 +920,10 @@ async fn handshake(io: &mut Box<dyn Io>, endpoint: &Endpoint<'_>) -> Result<(Ope
                 return Ok((open, begin));
             }
             Performative::Close(close) => {
-                return Err(match close.error {
-                    Some(e) => format!("the service closed the connection: {}", error_text(&e)),
-                    None => "the service closed the connection".to_owned(),
-                })
+                return Err(ended_by_service("closed the connection", close.error.as_ref()))
             }
             Performative::End(end) => {
-                return Err(match end.error {
-                    Some(e) => format!("the service refused the session: {}", error_text(&e)),
-                    None => "the service refused the session".to_owned(),
-                })
+                return Err(ended_by_service("refused the session", end.error.as_ref()))
             }
             _ => {}
         }
